@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create/refresh a local .venv and install the project into it first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch/torchvision pinned to the releases this team's machines carry; override for other platforms,
+# e.g.  make test TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO   ?= data/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c "import torch, torchvision, openslide, h5py, albumentations, sklearn; print('venv ready: torch', torch.__version__, '| openslide', openslide.__library_version__)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) scripts/make_demo_data.py --out $(DEMO) --seed 0
+	$(PY) scripts/pretrain_prcc.py --config configs/demo_prcc.yaml
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs data/demo

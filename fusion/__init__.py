@@ -1,0 +1,1 @@
+"""WBC side: data, splits, frozen encoders, fusion models, training, sweep, report."""

@@ -1,0 +1,162 @@
+"""Shared helpers used by every stage: seeding, device choice, atomic writes, run folders, logs.
+
+`fusion` imports these; nothing here imports `fusion`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch (CPU and CUDA); return a torch.Generator seeded the same way.
+
+    cuDNN autotuning is switched off so that the same seed gives the same numbers on one machine.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: derive numpy/random seeds from torch's per-worker seed."""
+    s = torch.initial_seed() % (2**32)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def get_device(name: str | None = "auto") -> torch.device:
+    """Pick the compute device: CUDA when present, else CPU; `name` ("cpu", "cuda", "cuda:1") overrides.
+
+    Raises:
+        ValueError: when CUDA is requested but not available.
+    """
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path` (atomic on POSIX).
+
+    The parent folder is created when missing. If the body raises (or the process is killed),
+    `path` keeps its previous content and the temporary file is removed where possible.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one JSON line and flush it to disk (a killed run keeps every finished line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file; a truncated last line (from a killed writer) is ignored."""
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def make_run_dir(root: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> Path:
+    """Create `root/name` (name defaults to a timestamp) and return it.
+
+    An existing non-empty folder is reused as is (resume) unless `overwrite`, which empties it.
+    """
+    name = name or time.strftime("%Y%m%d-%H%M%S")
+    run = Path(root) / name
+    if run.exists() and overwrite:
+        import shutil
+
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def fingerprint_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None,
+                      content: bool = True) -> str:
+    """A short hex fingerprint of a set of files: relative paths plus content hashes (or sizes).
+
+    `content=False` hashes (path, size) only, for multi-GB slides where reading every byte is too slow.
+    """
+    h = hashlib.sha256()
+    items = []
+    for p in paths:
+        p = Path(p)
+        rel = str(p.relative_to(root)) if root is not None else p.name
+        items.append((rel, p))
+    for rel, p in sorted(items):
+        h.update(rel.encode())
+        h.update((sha256_file(p) if content else str(p.stat().st_size)).encode())
+    return h.hexdigest()[:16]
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
