@@ -110,7 +110,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+    # the weights_only unpickler raises KeyError/IndexError/... on arbitrary bytes (e.g. a text file)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError,
+            KeyError, IndexError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"{path} is not a loadable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             f"expected a file written by this package's save_checkpoint") from e

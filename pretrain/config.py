@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,7 +50,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
                 inner = str
             parser.add_argument(flag, dest=f.name, nargs="+", type=inner, default=None, help=helptext)
             continue
-        if origin is typing.Union or str(origin) == "types.UnionType":
+        if origin is typing.Union or origin is types.UnionType:
             non_none = [a for a in args if a is not type(None)]
             t = non_none[0] if non_none else str
         if t is bool:

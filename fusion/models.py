@@ -1,0 +1,262 @@
+"""The WBC classifier: a small Kaiming-initialised CNN, and the fusion model around it.
+
+`SmallCNN` is conv-BN-ReLU-maxpool blocks, global average pooling and a linear head
+(`forward_features -> (B, F)`, `forward_head -> (B, C)`). `FusionModel` adds frozen encoders
+(`encode(x) -> (B, D)`) and combines their features with the CNN in one of the `FUSIONS` modes:
+
+- `sum`:    each source's latent -> class logits (LayerNorm, linear), added to the CNN's logits;
+- `concat`: [CNN features, normalised source latents] -> dropout -> linear head;
+- `gated`:  softmax weights over [cnn, sources...] computed from the CNN features, applied to each
+            branch's logits; the batch-mean weights of the last forward are in `gate_weights`.
+
+Frozen encoders are kept OUTSIDE the module tree (a plain dict), so `parameters()`, `state_dict()` and
+the optimizer see only the trainable CNN and heads, and `train()` can never switch an encoder out of
+eval mode. They move with the model (`_apply`) and run under `torch.inference_mode()`; their outputs
+are cloned into normal tensors before the trainable heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CNNConfig:
+    """SmallCNN architecture.
+
+    Attributes:
+        channels: output width of each conv-BN-ReLU-maxpool block; the default (32, 64, 128, 192, 256)
+            has ~0.76M parameters. Inputs must be at least 2**len(channels) pixels wide.
+        num_classes: number of output classes.
+        dropout: dropout before the linear head.
+        input_size: image side S the model is trained on (metadata for the checkpoint's input spec).
+        mean, std: per-channel normalisation applied inside `forward` (inputs are RGB in [0, 1]).
+    """
+
+    channels: Sequence[int] = (32, 64, 128, 192, 256)
+    num_classes: int = 5
+    dropout: float = 0.2
+    input_size: int = 64
+    mean: Sequence[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: Sequence[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def __post_init__(self) -> None:
+        self.channels = [int(c) for c in self.channels]
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"CNNConfig.channels must be a non-empty list of positive widths, got {self.channels}")
+        if self.num_classes < 2:
+            raise ValueError(f"CNNConfig.num_classes must be >= 2, got {self.num_classes}")
+        if self.input_size < 2 ** len(self.channels):
+            raise ValueError(f"CNNConfig.input_size={self.input_size} is too small for {len(self.channels)} "
+                             f"max-pool blocks (needs >= {2 ** len(self.channels)}); use fewer channels")
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """He-normal conv/linear weights (fan_out, ReLU), zero biases, BN weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU-maxpool blocks -> global average pool -> dropout -> linear."""
+
+    def __init__(self, cfg: CNNConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or CNNConfig()
+        blocks: list[nn.Module] = []
+        c_in = 3
+        for c_out in cfg.channels:
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.out_dim = c_in
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(c_in, cfg.num_classes)
+        self.register_buffer("mean", torch.tensor(list(cfg.mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(cfg.std), dtype=torch.float32).view(1, 3, 1, 1))
+        kaiming_init(self)
+        # the head starts small so the initial logits are near uniform
+        nn.init.normal_(self.head.weight, std=0.01)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) RGB in [0, 1] -> (B, F) pooled features, F = channels[-1]."""
+        x = (x - self.mean) / self.std
+        return self.features(x).mean(dim=(2, 3))
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B, C) logits."""
+        return self.head(self.dropout(f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _source_head(dim: int, out: int, dropout: float) -> nn.Module:
+    """(B, D) latent -> (B, out): LayerNorm (frozen latents come at any scale), dropout, small linear."""
+    head = nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, out))
+    nn.init.normal_(head[-1].weight, std=0.01)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
+class SumFusion(nn.Module):
+    """The original study: each source's latent projected to class logits, added to the CNN's."""
+
+    def __init__(self, feat_dim: int, dims: dict[str, int], num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({s: _source_head(d, num_classes, dropout) for s, d in dims.items()})
+
+    def forward(self, f: torch.Tensor, logits: torch.Tensor, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        for s, head in self.heads.items():
+            logits = logits + head(feats[s])
+        return logits
+
+
+class ConcatFusion(nn.Module):
+    """[CNN features (B, F), LayerNorm(latent_s) (B, D_s)...] -> dropout -> linear (replaces the CNN head)."""
+
+    def __init__(self, feat_dim: int, dims: dict[str, int], num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.norms = nn.ModuleDict({s: nn.LayerNorm(d) for s, d in dims.items()})
+        self.head = _source_head(feat_dim + sum(dims.values()), num_classes, dropout)[1:]  # no norm
+
+    def forward(self, f: torch.Tensor, logits: torch.Tensor, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        z = torch.cat([f] + [norm(feats[s]) for s, norm in self.norms.items()], dim=1)
+        return self.head(z)
+
+
+class GatedFusion(nn.Module):
+    """Softmax weights (B, 1+S) over [cnn, sources...] from the CNN features, applied to branch logits.
+
+    The weighted mean is scaled by 1+S so that equal weights reproduce `sum`. The batch-mean weights
+    of the last forward are kept in `last_weights` (1+S,).
+    """
+
+    def __init__(self, feat_dim: int, dims: dict[str, int], num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({s: _source_head(d, num_classes, dropout) for s, d in dims.items()})
+        self.gate = nn.Linear(feat_dim, 1 + len(dims))
+        nn.init.zeros_(self.gate.weight)  # start from equal weights
+        nn.init.zeros_(self.gate.bias)
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, f: torch.Tensor, logits: torch.Tensor, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        branch = torch.stack([logits] + [h(feats[s]) for s, h in self.heads.items()], dim=1)  # (B, 1+S, C)
+        w = torch.softmax(self.gate(f).float(), dim=1)  # (B, 1+S)
+        self.last_weights = w.detach().mean(0)
+        return (w.unsqueeze(-1).to(branch.dtype) * branch).sum(1) * branch.shape[1]
+
+
+FUSIONS: dict[str, type[nn.Module]] = {"sum": SumFusion, "concat": ConcatFusion, "gated": GatedFusion}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in FUSIONS:
+        raise ValueError(f"unknown fusion mode {mode!r}; valid modes: {sorted(FUSIONS)}")
+    return mode
+
+
+class FusionModel(nn.Module):
+    """SmallCNN plus frozen encoders fused by `mode` (see module docstring).
+
+    Args:
+        cnn: the trainable SmallCNN.
+        encoders: name -> frozen module with `encode(x) -> (B, D)`, `out_dim`, `input_size`;
+            empty for the `scratch` arm (the model is then the CNN alone, whatever the mode).
+        mode: one of `FUSIONS`.
+        num_classes: C.
+        encoder_resize: resize images to each encoder's `input_size` when they differ (bilinear);
+            when False a size mismatch raises ValueError naming the encoder and both sizes.
+        dropout: dropout on source latents before their heads.
+    """
+
+    def __init__(self, cnn: SmallCNN, encoders: dict[str, nn.Module] | None, mode: str = "sum",
+                 num_classes: int = 5, encoder_resize: bool = True, dropout: float = 0.2) -> None:
+        super().__init__()
+        check_mode(mode)
+        self.cnn = cnn
+        self.mode = mode
+        self.num_classes = num_classes
+        self.encoder_resize = encoder_resize
+        self.encoders: dict[str, nn.Module] = {s: e for s, e in sorted((encoders or {}).items())}
+        self.sources = list(self.encoders)
+        dims = {s: int(e.out_dim) for s, e in self.encoders.items()}
+        self.fusion = FUSIONS[mode](cnn.out_dim, dims, num_classes, dropout) if self.sources else None
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for e in self.encoders.values():  # frozen encoders follow .to(device) / .float() etc.
+            e._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for e in self.encoders.values():
+            nn.Module.train(e, False)  # frozen stays in eval, whatever the caller asks
+        return self
+
+    @property
+    def gate_weights(self) -> dict[str, float] | None:
+        """Batch-mean gate weights {"cnn": w0, source: w...} of the last forward (gated mode only)."""
+        w = getattr(self.fusion, "last_weights", None)
+        return None if w is None else dict(zip(["cnn"] + self.sources, w.float().cpu().tolist(), strict=True))
+
+    def encoder_inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Resize (B, 3, S, S) images to encoder `name`'s input size, or raise if not allowed."""
+        return resize_for_encoder(self.encoders[name], x, self.encoder_resize, name)
+
+    @torch.inference_mode()
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {s: e.encode(self.encoder_inputs(s, x)).float() for s, e in self.encoders.items()}
+
+    def encode_sources(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frozen features {source: (B, D_s)} as normal (non-inference) tensors, safe for autograd."""
+        return {s: z.clone() for s, z in self._encode(x).items()}
+
+    def forward(self, x: torch.Tensor, feats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, 3, S, S) RGB in [0, 1] -> (B, C) logits.
+
+        `feats` may carry precomputed source latents {source: (B, D_s)}; missing ones are computed
+        from `x` by the frozen encoders.
+        """
+        f = self.cnn.forward_features(x)  # (B, F)
+        logits = self.cnn.forward_head(f)  # (B, C)
+        if self.fusion is None:
+            return logits
+        feats = dict(feats or {})
+        if any(s not in feats for s in self.sources):
+            feats = {**self.encode_sources(x), **feats}
+        return self.fusion(f, logits, feats)
+
+
+def resize_for_encoder(enc: nn.Module, x: torch.Tensor, allow: bool = True, name: str = "") -> torch.Tensor:
+    """(B, 3, S, S) -> (B, 3, E, E), E = `enc.input_size` (bilinear); ValueError when not `allow`."""
+    size = int(getattr(enc, "input_size", 0) or x.shape[-1])
+    if x.shape[-2:] == (size, size):
+        return x
+    if not allow:
+        raise ValueError(
+            f"encoder {name or getattr(enc, 'kind', '?')!r} from {getattr(enc, 'checkpoint_path', '(in memory)')} "
+            f"expects {size}x{size} images but the WBC images are {x.shape[-2]}x{x.shape[-1]}; set "
+            f"encoder_resize: true to resize inside the model, or image_size: {size}")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+

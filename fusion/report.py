@@ -1,0 +1,277 @@
+"""Sweep report: tables with 95% CIs over seeds, paired differences, verdicts, plots.
+
+    python scripts/report.py runs/demo_sweep
+
+Reads `<sweep>/results.jsonl` (one line per finished run; the last line of a run wins) and writes
+`report.md`, `results.csv` (the study table), `per_class.csv`, `paired.csv`,
+`metric_vs_fraction.png` and `confusion_<fraction>_<arm>.png` into the sweep folder.
+
+Statistics: a cell is mean ± the half width of the Student-t 95% CI over seeds. A paired difference
+compares two arms run with the same seed (same label fraction of the same split, same CNN
+initialisation, same batches and augmentations); its CI is a percentile bootstrap of the mean of the
+per-seed differences. An arm "helped beyond the control" at a fraction only when its macro-F1 CI
+excludes 0 in its favour both against `scratch` and against `random` (the frozen random encoders).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.utils import atomic_path, atomic_write_text, read_jsonl
+
+from .data import CLASSES
+from .encoders import ARMS
+from .metrics import bootstrap_ci, mean_ci
+from .report_plots import plot_confusion, plot_metric_vs_fraction
+
+METRICS = ("accuracy", "macro_f1")
+MIN_SEEDS_FOR_CI = 3
+
+
+@dataclass
+class ReportConfig:
+    """`scripts/report.py`: summarise a finished (or partial) sweep folder."""
+
+    run_dir: str = field(default="runs/demo_sweep", metadata={"help": "sweep folder holding results.jsonl"})
+    bootstrap: int = field(default=5000, metadata={"help": "bootstrap resamples for paired CIs"})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+
+
+def load_results(run_dir: str | os.PathLike) -> list[dict]:
+    """Rows of `results.jsonl`, one per run (the last line of a run wins)."""
+    path = Path(run_dir) / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a sweep folder, or no run has "
+                                f"finished yet; run scripts/sweep.py --config FILE first")
+    rows = {}
+    for r in read_jsonl(path):
+        rows[r.get("run", len(rows))] = r
+    if not rows:
+        raise ValueError(f"{path} holds no finished run yet")
+    return list(rows.values())
+
+
+def arm_label(row: dict, modes: list[str]) -> str:
+    """`scratch`, or the arm with its fusion mode when the sweep has several modes."""
+    if row["arm"] == "scratch" or len(modes) <= 1:
+        return row["arm"]
+    return f"{row['arm']} ({row['mode']})"
+
+
+def _labels(rows: list[dict]) -> tuple[list[str], list[str], list[float]]:
+    modes = sorted({r["mode"] for r in rows if r["arm"] != "scratch"}) or ["sum"]
+    order = {a: i for i, a in enumerate(ARMS)}
+    pairs = sorted({(r["arm"], r["mode"] if r["arm"] != "scratch" else "") for r in rows},
+                   key=lambda am: (order.get(am[0], 99), am[1]))
+    labels = list(dict.fromkeys(arm_label({"arm": a, "mode": m}, modes) for a, m in pairs))
+    fractions = sorted({float(r["fraction"]) for r in rows})
+    return labels, modes, fractions
+
+
+def fmt_pct(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def fmt_cell(values: list[float]) -> str:
+    if not values:
+        return "—"
+    m, hw = mean_ci(values)
+    return f"{m:.3f} (n=1)" if math.isnan(hw) else f"{m:.3f} ± {hw:.3f}"
+
+
+@dataclass
+class Summary:
+    """Everything the report shows, as plain data (also handy in tests)."""
+
+    labels: list[str]
+    modes: list[str]
+    fractions: list[float]
+    # (fraction, label) -> {seed: row}
+    cells: dict[tuple[float, str], dict[int, dict]]
+    failed: list[dict]
+    paired: list[dict]
+    verdicts: dict[float, str]
+
+
+def summarise(rows: list[dict], n_boot: int = 5000, seed: int = 0) -> Summary:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    failed = [r for r in rows if r.get("status") != "ok"]
+    labels, modes, fractions = _labels(ok or rows)
+    cells: dict[tuple[float, str], dict[int, dict]] = defaultdict(dict)
+    for r in ok:
+        cells[(float(r["fraction"]), arm_label(r, modes))][int(r["seed"])] = r
+    paired = []
+    for f in fractions:
+        for lab in labels:
+            if lab == "scratch":
+                continue
+            arm = lab.split(" (")[0]
+            refs = ["scratch"] + ([] if arm == "random" else [lab.replace(arm, "random", 1)])
+            for ref in refs:
+                a, b = cells.get((f, lab), {}), cells.get((f, ref), {})
+                seeds = sorted(set(a) & set(b))
+                if not seeds:
+                    continue
+                row = {"fraction": f, "arm": lab, "versus": ref, "n_pairs": len(seeds)}
+                for m in METRICS:
+                    d = [a[s][m] - b[s][m] for s in seeds]
+                    lo, hi = bootstrap_ci(d, n=n_boot, seed=seed)
+                    row.update({f"{m}_diff": float(np.mean(d)), f"{m}_lo": lo, f"{m}_hi": hi})
+                paired.append(row)
+    verdicts = {f: verdict(f, [p for p in paired if p["fraction"] == f], labels) for f in fractions}
+    return Summary(labels, modes, fractions, dict(cells), failed, paired, verdicts)
+
+
+def verdict(fraction: float, paired: list[dict], labels: list[str]) -> str:
+    """One plain sentence per fraction on whether pretraining helped beyond the random control."""
+    pre = [lab for lab in labels if lab.split(" (")[0] not in ("scratch", "random")]
+    if not pre:
+        return f"At {fmt_pct(fraction)}: no pretrained arm in this sweep, so nothing to judge."
+    has_random = any(p["versus"].startswith("random") for p in paired)
+    parts, helped = [], []
+    for lab in pre:
+        vs = {p["versus"].split(" (")[0]: p for p in paired if p["arm"] == lab}
+        if "scratch" not in vs:
+            continue
+        s, r = vs["scratch"], vs.get("random")
+        n = s["n_pairs"]
+        few = n < MIN_SEEDS_FOR_CI
+        beats = s["macro_f1_lo"] > 0 and (r is not None and r["macro_f1_lo"] > 0)
+        hurt = s["macro_f1_hi"] < 0
+        diffs = f"{s['macro_f1_diff']:+.3f} vs scratch" + (f", {r['macro_f1_diff']:+.3f} vs random"
+                                                            if r is not None else "")
+        if few:
+            word = f"undetermined ({n} seed{'s' if n != 1 else ''}: too few for a meaningful CI)"
+        elif beats:
+            word = "helped beyond the control"
+            helped.append(lab)
+        elif hurt:
+            word = "hurt"
+        else:
+            word = "no measurable benefit"
+        parts.append(f"{lab} {word} (macro-F1 {diffs})")
+    if not parts:
+        return f"At {fmt_pct(fraction)}: no paired runs against scratch."
+    head = (f"At {fmt_pct(fraction)}, pretraining helped beyond the random control for {', '.join(helped)}"
+            if helped else f"At {fmt_pct(fraction)}, pretraining did not measurably help beyond the control")
+    tail = "" if has_random else " (this sweep has no `random` arm, so no control: any gain may be extra parameters)"
+    return f"{head}{tail}: " + "; ".join(parts) + "."
+
+
+def _table(summary: Summary, metric: str) -> list[str]:
+    lines = ["| fraction | " + " | ".join(summary.labels) + " |",
+             "|---|" + "---|" * len(summary.labels)]
+    for f in summary.fractions:
+        cells = [fmt_cell([r[metric] for r in summary.cells.get((f, lab), {}).values()]) for lab in summary.labels]
+        lines.append(f"| {fmt_pct(f)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_tables(summary: Summary, out: Path) -> None:
+    rows = []
+    for f in summary.fractions:
+        for lab in summary.labels:
+            runs = summary.cells.get((f, lab), {})
+            if not runs:
+                continue
+            row = [f, lab, len(runs)]
+            for m in METRICS:
+                mean, hw = mean_ci([r[m] for r in runs.values()])
+                row += [round(mean, 6), None if math.isnan(hw) else round(hw, 6)]
+            rows.append(row)
+    _write_csv(out / "results.csv", ["fraction", "arm", "n_seeds", "accuracy_mean", "accuracy_ci95",
+                                     "macro_f1_mean", "macro_f1_ci95"], rows)
+    pc = []
+    for f in summary.fractions:
+        for lab in summary.labels:
+            runs = list(summary.cells.get((f, lab), {}).values())
+            if runs:
+                pc.append([f, lab, len(runs)] + [round(float(np.mean([r["per_class"][c]["recall"] for r in runs])), 6)
+                                                 for c in CLASSES])
+    _write_csv(out / "per_class.csv", ["fraction", "arm", "n_seeds"] + [f"{c}_accuracy" for c in CLASSES], pc)
+    keys = ["fraction", "arm", "versus", "n_pairs"] + [f"{m}_{k}" for m in METRICS for k in ("diff", "lo", "hi")]
+    _write_csv(out / "paired.csv", keys, [[p[k] for k in keys] for p in summary.paired])
+
+
+def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
+    n_seeds = sorted({len(v) for v in summary.cells.values()})
+    md = [f"# Fusion sweep report: `{run_dir}`", "",
+          f"Arms: {', '.join(summary.labels)}. Fractions: {', '.join(fmt_pct(f) for f in summary.fractions)}. "
+          f"Seeds per cell: {', '.join(map(str, n_seeds))}. Metrics on the held-out test split, model chosen "
+          f"on validation macro-F1.", ""]
+    if max(n_seeds, default=0) < MIN_SEEDS_FOR_CI:
+        md += [f"**Caution:** with fewer than {MIN_SEEDS_FOR_CI} seeds per cell the 95% intervals are very wide "
+               f"(2 seeds) or undefined (1 seed); no difference below can be called real.", ""]
+    md += ["## Verdict per fraction", ""] + [f"- {summary.verdicts[f]}" for f in summary.fractions] + [""]
+    for m, title in (("accuracy", "Test accuracy"), ("macro_f1", "Test macro-F1")):
+        md += [f"## {title} (mean ± 95% CI over seeds)", ""] + _table(summary, m) + [""]
+    md += ["## Paired differences (same seed), macro-F1 and accuracy, bootstrap 95% CI", "",
+           "| fraction | arm | versus | pairs | Δ macro-F1 [95% CI] | Δ accuracy [95% CI] |", "|---|---|---|---|---|---|"]
+    for p in summary.paired:
+        md.append(f"| {fmt_pct(p['fraction'])} | {p['arm']} | {p['versus']} | {p['n_pairs']} | "
+                  f"{p['macro_f1_diff']:+.3f} [{p['macro_f1_lo']:+.3f}, {p['macro_f1_hi']:+.3f}] | "
+                  f"{p['accuracy_diff']:+.3f} [{p['accuracy_lo']:+.3f}, {p['accuracy_hi']:+.3f}] |")
+    md += ["", "## Per-class accuracy (recall), mean over seeds", "",
+           "| fraction | arm | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]
+    for f in summary.fractions:
+        for lab in summary.labels:
+            runs = list(summary.cells.get((f, lab), {}).values())
+            if runs:
+                vals = [np.mean([r["per_class"][c]["recall"] for r in runs]) for c in CLASSES]
+                md.append(f"| {fmt_pct(f)} | {lab} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    gated = [r for runs in summary.cells.values() for r in runs.values() if r.get("gate_weights")]
+    if gated:
+        md += ["", "## Mean gate weights (gated mode, test set)", "", "| fraction | arm | weights |", "|---|---|---|"]
+        by = defaultdict(list)
+        for r in gated:
+            by[(float(r["fraction"]), r["arm"])].append(r["gate_weights"])
+        for (f, arm), ws in sorted(by.items()):
+            mean = {k: np.mean([w[k] for w in ws]) for k in ws[0]}
+            md.append(f"| {fmt_pct(f)} | {arm} | " + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()) + " |")
+    if summary.failed:
+        md += ["", "## Failed runs", ""] + [f"- `{r.get('run')}`: {r.get('reason', r.get('status'))}"
+                                            for r in summary.failed]
+    md += ["", "## Files", "", "- `results.csv` (table), `per_class.csv`, `paired.csv`"]
+    md += [f"- ![{Path(p).stem}]({p})" if p.startswith("metric") else f"- `{p}`" for p in figures]
+    return "\n".join(md) + "\n"
+
+
+def make_report(run_dir: str | os.PathLike, n_boot: int = 5000, seed: int = 0) -> Path:
+    """Write report.md, CSVs and PNGs into `run_dir`; return the path of report.md."""
+    out = Path(run_dir)
+    summary = summarise(load_results(out), n_boot=n_boot, seed=seed)
+    write_tables(summary, out)
+    figures = [plot_metric_vs_fraction(summary, out / "metric_vs_fraction.png")]
+    for (f, lab), runs in sorted(summary.cells.items()):
+        figures.append(plot_confusion([r["confusion"] for r in runs.values()], CLASSES,
+                                      out / f"confusion_{f:g}_{lab.replace(' ', '').replace('(', '-').strip(')')}.png",
+                                      title=f"{lab}, {fmt_pct(f)}, {len(runs)} seed(s) summed"))
+    path = out / "report.md"
+    atomic_write_text(path, render_markdown(summary, out, [Path(p).name for p in figures]))
+    return path
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    """`scripts/report.py` entry: write the report, print its headline table and its path."""
+    path = make_report(cfg.run_dir, n_boot=cfg.bootstrap, seed=cfg.seed)
+    summary = summarise(load_results(cfg.run_dir), n_boot=cfg.bootstrap, seed=cfg.seed)
+    print("\n".join(["Test macro-F1 (mean ± 95% CI over seeds):"] + _table(summary, "macro_f1")))
+    print("\n".join(["", "Test accuracy:"] + _table(summary, "accuracy")))
+    print("")
+    print("\n".join(summary.verdicts[f] for f in summary.fractions))
+    print(f"\nreport: {path}")
+    return path

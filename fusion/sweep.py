@@ -1,0 +1,152 @@
+"""A sweep: fractions x seeds x arms x fusion modes, each run in its own folder, in one process.
+
+    python scripts/sweep.py --config configs/demo_sweep.yaml
+
+`<out>/` receives `config.yaml` (the resolved sweep), `split.json` (made once if `split` is not given,
+then reused), `runs/<run name>/` (see `fusion.train`) and `results.jsonl` (one line per finished run).
+The data set is loaded once and the frozen features are computed once per encoder and reused by all
+runs. Restarting the same command skips runs whose `metrics.json` exists, so an interrupted sweep
+ends with the same results as an uninterrupted one. `scratch` has no fusion, so it runs once per
+(fraction, seed) whatever `modes` holds.
+
+The run list is deterministic and `run_one(spec, ctx)` trains one run from a `RunConfig` alone
+(`ctx` only shares already-loaded data), so an engine such as Ray can map it over workers later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pretrain.config import save_config
+from pretrain.utils import append_jsonl, make_run_dir, read_jsonl
+
+from .data import WBCData, load_wbc
+from .encoders import ARMS, SOURCE_KINDS, FeatureCache
+from .models import FUSIONS
+from .splits import fraction_key
+from .train import RunConfig, prepare_split, train_run
+
+RUN_ONLY = ("fraction", "arm", "mode", "seed")  # RunConfig fields the sweep sets per run
+
+
+@dataclass
+class SweepConfig(RunConfig):
+    """RunConfig defaults for every run, plus the grid. `fraction`, `arm`, `mode`, `seed` are ignored
+    (set per run from the lists); `out` is the sweep folder; `overwrite` empties it first."""
+
+    out: str = field(default="runs/sweep", metadata={"help": "sweep folder"})
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.5, 1.0],
+                                   metadata={"help": "label fractions of train"})
+    arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"subset of {list(ARMS)}"})
+    modes: list[str] = field(default_factory=lambda: ["sum"], metadata={"help": f"subset of {list(FUSIONS)}"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    progress_runs: bool = field(default=False, metadata={"help": "also show each run's epoch bar"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad_arms = [a for a in self.arms if a not in ARMS]
+        if bad_arms or not self.arms:
+            raise ValueError(f"unknown arm(s) {bad_arms} in the sweep config; valid arms: {list(ARMS)}")
+        bad_modes = [m for m in self.modes if m not in FUSIONS]
+        if bad_modes or not self.modes:
+            raise ValueError(f"unknown fusion mode(s) {bad_modes} in the sweep config; "
+                             f"valid modes: {list(FUSIONS)}")
+        bad_f = [f for f in self.fractions if not 0 < float(f) <= 1]
+        if bad_f or not self.fractions:
+            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+
+
+@dataclass
+class SweepContext:
+    """What all runs of a sweep share: the loaded images, the split and the frozen-feature cache."""
+
+    data: WBCData
+    split: dict
+    features: FeatureCache = field(default_factory=FeatureCache)
+
+
+def run_name(fraction: float, arm: str, mode: str, seed: int) -> str:
+    return f"f{fraction_key(fraction)}_{arm}" + ("" if arm == "scratch" else f"_{mode}") + f"_s{seed}"
+
+
+def run_specs(cfg: SweepConfig) -> list[RunConfig]:
+    """The deterministic run list: fraction, then seed, then arm, then mode (scratch once per seed)."""
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
+    specs = []
+    for fraction in cfg.fractions:
+        for seed in cfg.seeds:
+            for arm in cfg.arms:
+                for mode in (cfg.modes[:1] if arm == "scratch" else cfg.modes):
+                    name = run_name(fraction, arm, mode, seed)
+                    specs.append(RunConfig(**{**base, "fraction": float(fraction), "arm": arm, "mode": mode,
+                                              "seed": int(seed), "out": str(Path(cfg.out) / "runs" / name),
+                                              "overwrite": False, "progress": cfg.progress_runs}))
+    return specs
+
+
+def run_one(spec: RunConfig, ctx: SweepContext | None = None) -> dict:
+    """Train (or, when finished before, read back) one run; the seam a distributed engine would map."""
+    if ctx is None:
+        return train_run(spec)
+    return train_run(spec, data=ctx.data, split=ctx.split, features=ctx.features)
+
+
+def _check_checkpoints(cfg: SweepConfig) -> None:
+    needed = {s for a in cfg.arms for s in ARMS[a].sources}
+    for s in sorted(needed):
+        path = getattr(cfg, f"{s}_checkpoint")
+        if not path or not Path(path).is_file():
+            users = [a for a in cfg.arms if s in ARMS[a].sources]
+            raise FileNotFoundError(f"arms {users} need the {s} encoder, but {s}_checkpoint {path!r} does not "
+                                    f"exist; train it first (a {SOURCE_KINDS[s]!r} checkpoint) or drop those arms")
+
+
+def run_sweep(cfg: SweepConfig) -> Path:
+    """Run every missing run of the grid; return the path of `results.jsonl`."""
+    _check_checkpoints(cfg)
+    out = make_run_dir(Path(cfg.out).parent, Path(cfg.out).name, overwrite=cfg.overwrite)
+    save_config(cfg, out / "config.yaml")
+    specs = run_specs(cfg)
+    results_path = out / "results.jsonl"
+    logged = {r.get("run") for r in read_jsonl(results_path)}
+    todo = []
+    for spec in specs:
+        done = (Path(spec.out) / "metrics.json").is_file()
+        if done and Path(spec.out).name not in logged:  # killed between metrics.json and the append
+            append_jsonl(results_path, {**run_one(spec), "run_dir": str(Path(spec.out).relative_to(out))})
+        if not done:
+            todo.append(spec)
+    n_done = len(specs) - len(todo)
+    print(f"sweep {out}: {len(specs)} runs, {n_done} already finished, {len(todo)} to go")
+    if not todo:
+        return results_path
+
+    t0 = time.perf_counter()
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress)
+    split = prepare_split(cfg, data, out / "split.json")
+    ctx = SweepContext(data, split)
+    print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
+    bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.progress,
+               dynamic_ncols=True)
+    t_runs = time.perf_counter()
+    for i, spec in enumerate(todo):
+        r = run_one(spec, ctx)
+        append_jsonl(results_path, {**r, "run_dir": str(Path(spec.out).relative_to(out))})
+        left = len(todo) - i - 1
+        eta = (time.perf_counter() - t_runs) / (i + 1) * left
+        bar.update(1)
+        msg = (f"{r['run']}: macro-F1 {r['macro_f1']:.3f}" if r["status"] == "ok"
+               else f"{r['run']}: FAILED ({r.get('reason', '')[:60]})")
+        bar.set_postfix_str(f"{msg} | {n_done + i + 1} done, {left} left, ETA {eta / 60:.1f} min")
+        if not cfg.progress:
+            print(f"[{n_done + i + 1}/{len(specs)}] {msg} | {left} left, ETA {eta / 60:.1f} min", flush=True)
+    bar.close()
+    print(f"sweep finished in {(time.perf_counter() - t0) / 60:.1f} min: {results_path}")
+    return results_path

@@ -1,0 +1,334 @@
+"""Train one run: fraction x arm x mode x seed -> metrics on the test split.
+
+A run folder holds `config.yaml` (resolved RunConfig), `log.jsonl` (one line per epoch), `curves.png`
+(train/val loss, accuracy, val macro-F1), `best.pt` (the best-on-validation weights, kind "wbc_fusion",
+rebuildable from the file alone) and `metrics.json`, written LAST and atomically: its presence marks a
+finished run, which a restart skips.
+
+Small label fractions get enough optimisation: an "epoch" is at least `ceil(min_steps / epochs)` steps
+(sampling the few training images repeatedly, each time with fresh augmentation), so a 1% run trains
+about as many steps as `min_steps`; `max_steps` caps the large ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pretrain.checkpoint import save_checkpoint
+from pretrain.config import save_config, to_plain
+from pretrain.engine import NonFiniteLossError, autocast, fit, train_one_epoch
+from pretrain.plots import plot_curves
+from pretrain.utils import atomic_write_json, count_parameters, get_device, make_run_dir, seed_everything
+
+from .augment import AugConfig, augment
+from .data import CLASSES, WBCData, load_wbc
+from .encoders import (
+    ARMS,
+    FeatureCache,
+    check_arm,
+    images_key,
+    images_to_tensor,
+    load_arm_encoders,
+)
+from .metrics import classification_metrics
+from .models import CNNConfig, FusionModel, SmallCNN, check_mode
+from .splits import load_split, make_split, save_split, split_indices
+
+ENCODER_FEATURES = ("precompute", "online")
+
+
+@dataclass
+class RunConfig:
+    """One fusion training run (also the per-run defaults of a sweep)."""
+
+    data: str = field(default="data/demo/wbc", metadata={"help": "WBC folder of class folders or bloodmnist*.npz"})
+    split: str = field(default="", metadata={"help": "split JSON; made once (and saved) if missing; "
+                                                     "'' = <out>/split.json"})
+    val: float = field(default=0.15, metadata={"help": "val share of all images when the split is made"})
+    test: float = field(default=0.15, metadata={"help": "test share of all images when the split is made"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the split when it is made"})
+    fraction: float = field(default=1.0, metadata={"help": "label fraction of train, in (0, 1]"})
+    arm: str = field(default="scratch", metadata={"help": f"one of {list(ARMS)}"})
+    mode: str = field(default="sum", metadata={"help": "fusion mode: sum, concat or gated"})
+    seed: int = field(default=0, metadata={"help": "CNN init, batch order and augmentation seed"})
+    image_size: int = field(default=64, metadata={"help": "WBC image side in pixels"})
+    cache_dir: str = field(default="data/cache", metadata={"help": "decoded-image cache; '' for none"})
+    cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 192, 256],
+                                    metadata={"help": "width of each conv block (~0.76M params by default)"})
+    dropout: float = 0.2
+    epochs: int = field(default=40, metadata={"help": "maximum number of epochs"})
+    min_steps: int = field(default=600, metadata={"help": "lengthen epochs so a run trains >= this many steps"})
+    max_steps: int = field(default=3000, metadata={"help": "stop after this many steps (0 = no cap)"})
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    class_weights: bool = field(default=True, metadata={"help": "inverse-frequency class weights in the loss"})
+    label_smoothing: float = 0.05
+    early_stop: int = field(default=10, metadata={"help": "epochs without a better val macro-F1; 0 = off"})
+    plateau_patience: int = field(default=3, metadata={"help": "ReduceLROnPlateau patience (epochs)"})
+    augment: bool = True
+    aug_scale_min: float = field(default=0.6, metadata={"help": "smallest crop area of RandomResizedCrop"})
+    aug_rotate: float = field(default=180.0, metadata={"help": "max rotation in degrees"})
+    aug_color: float = field(default=0.15, metadata={"help": "brightness/contrast/saturation jitter"})
+    prcc_checkpoint: str = "checkpoints/prcc_autoencoder.pt"
+    cam16_checkpoint: str = "checkpoints/cam16_resnet.pt"
+    encoder_resize: bool = field(default=True, metadata={"help": "resize images to each encoder's input size"})
+    encoder_features: str = field(default="precompute", metadata={
+        "help": "precompute: frozen features of each un-augmented image once; online: encoders run on "
+                "every augmented batch"})
+    device: str = "auto"
+    amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA"})
+    eval_batch_size: int = 512
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch default"})
+    out: str = field(default="runs/run", metadata={"help": "run folder"})
+    overwrite: bool = field(default=False, metadata={"help": "empty an existing run folder first"})
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_arm(self.arm)
+        check_mode(self.mode)
+        if not 0 < float(self.fraction) <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.encoder_features not in ENCODER_FEATURES:
+            raise ValueError(f"encoder_features must be one of {ENCODER_FEATURES}, got {self.encoder_features!r}")
+        for name in ("epochs", "batch_size", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path) -> dict:
+    """Load the split file, or make it from `data` once and save it (so later runs reuse it)."""
+    path = Path(cfg.split) if cfg.split else default_path
+    if path.is_file():
+        return load_split(path)
+    split = make_split(data, val=cfg.val, test=cfg.test, fractions=(0.01, 0.1, 0.5, 1.0), seed=cfg.split_seed)
+    save_split(split, path)
+    return split
+
+
+def class_weight_tensor(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (C,), mean 1 over present classes; absent classes get 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def plan_steps(n_train: int, cfg: RunConfig) -> tuple[int, int, int]:
+    """(batch size, steps per epoch, epochs): >= min_steps in all, <= max_steps when set."""
+    bs = max(1, min(cfg.batch_size, n_train))
+    steps = max(math.ceil(n_train / bs), math.ceil(cfg.min_steps / cfg.epochs))
+    epochs = cfg.epochs
+    if cfg.max_steps > 0:
+        epochs = max(1, min(epochs, math.ceil(cfg.max_steps / steps)))
+    return bs, steps, epochs
+
+
+def _batches(n: int, bs: int, steps: int, g: torch.Generator):
+    """`steps` batches of `bs` rows of range(n), drawn from consecutive random permutations."""
+    need = bs * steps
+    perm = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
+    return list(perm.view(steps, bs))
+
+
+class _Feeder:
+    """Turns rows of the run's image tensor into model inputs (augmented when training)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, feats: dict[str, torch.Tensor],
+                 aug: AugConfig | None, g: torch.Generator, loss_weight: torch.Tensor | None,
+                 label_smoothing: float) -> None:
+        self.images, self.labels, self.feats = images, labels, feats
+        self.aug, self.g = aug, g
+        self.loss_weight, self.smoothing = loss_weight, label_smoothing
+
+    def step(self, model: FusionModel, rows: torch.Tensor, device: torch.device):
+        x = self.images[rows].to(device, non_blocking=True).float().div_(255)
+        if self.aug is not None and model.training:
+            x = augment(x, self.aug, self.g)
+        y = self.labels[rows].to(device)
+        feats = {s: f[rows].to(device) for s, f in self.feats.items()}
+        logits = model(x, feats or None)
+        w = self.loss_weight.to(device) if self.loss_weight is not None else None
+        loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.smoothing)
+        acc = (logits.argmax(1) == y).float().mean().item()
+        return loss, len(rows), {"acc": acc}
+
+
+@torch.no_grad()
+def predict(model: FusionModel, images: torch.Tensor, feats: dict[str, torch.Tensor], rows: np.ndarray,
+            device: torch.device, batch_size: int, amp: bool = False) -> tuple[torch.Tensor, dict | None]:
+    """Logits (N, C) float32 CPU for `rows`, and the mean gate weights (gated mode) over them."""
+    model.eval()
+    out, gates, n = [], None, 0
+    for i in range(0, len(rows), batch_size):
+        r = torch.as_tensor(rows[i:i + batch_size])
+        x = images[r].to(device).float().div_(255)
+        with autocast(device, amp):
+            logits = model(x, {s: f[r].to(device) for s, f in feats.items()} or None)
+        out.append(logits.float().cpu())
+        gw = model.gate_weights
+        if gw is not None:
+            gates = {k: (gates or {}).get(k, 0.0) + v * len(r) for k, v in gw.items()}
+        n += len(r)
+    logits = torch.cat(out) if out else torch.zeros(0, model.num_classes)
+    return logits, ({k: v / n for k, v in gates.items()} if gates else None)
+
+
+def _eval(model, images, feats, rows, labels, device, cfg, loss_weight) -> dict:
+    logits, gates = predict(model, images, feats, rows, device, cfg.eval_batch_size, cfg.amp)
+    y = labels[torch.as_tensor(rows)]
+    m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), CLASSES)
+    loss = F.cross_entropy(logits, y, weight=loss_weight).item()
+    return {"loss": loss, "acc": m["accuracy"], "macro_f1": m["macro_f1"], "metrics": m, "gates": gates}
+
+
+def _finished(run_dir: Path) -> dict | None:
+    import json
+
+    p = run_dir / "metrics.json"
+    if p.is_file():
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.PathLike | None = None,
+              split: dict | None = None, features: FeatureCache | None = None) -> dict:
+    """Train one run and return its result dict (also written to `run_dir/metrics.json`).
+
+    `data`, `split` and `features` let a sweep load the images, the split and the frozen features
+    once for all its runs. A run folder that already holds `metrics.json` is not trained again
+    (its result is returned) unless `cfg.overwrite`. A NaN/inf loss stops the run; the result then has
+    status "failed" and a reason, and the caller goes on.
+
+    Returns:
+        {"status": "ok"|"failed", "arm", "mode", "fraction", "seed", "accuracy", "macro_f1",
+         "balanced_accuracy", "per_class", "confusion", "best_epoch", "val_macro_f1", "epochs_run",
+         "steps", "seconds", "gate_weights" (gated mode), "reason" (failed), ...}
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir or cfg.out)
+    if not cfg.overwrite and (done := _finished(run_dir)) is not None:
+        return done
+    run_dir = make_run_dir(run_dir.parent, run_dir.name, overwrite=cfg.overwrite)
+    for stale in ("log.jsonl", "best.pt", "curves.png"):  # a killed run restarts from scratch
+        (run_dir / stale).unlink(missing_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = get_device(cfg.device)
+    if data is None:
+        data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress)
+    if data.image_size != cfg.image_size:
+        raise ValueError(f"data {data.root} was loaded at {data.image_size}px but the run asks for "
+                         f"image_size {cfg.image_size}; load it at the run's size")
+    if split is None:
+        split = prepare_split(cfg, data, run_dir / "split.json")
+    train_rows = split_indices(split, data, "train", cfg.fraction)
+    val_rows = split_indices(split, data, "val")
+    test_rows = split_indices(split, data, "test")
+    if len(val_rows) == 0 or len(test_rows) == 0:
+        raise ValueError(f"the split has {len(val_rows)} val and {len(test_rows)} test images; both are "
+                         f"needed (early stopping on val, metrics on test)")
+
+    checkpoints = {"prcc": cfg.prcc_checkpoint, "cam16": cfg.cam16_checkpoint}
+    encoders = load_arm_encoders(cfg.arm, checkpoints, cfg.seed, cfg.image_size, cfg.encoder_resize)
+    images = images_to_tensor(data.images)  # (N, 3, S, S) uint8
+    labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+    feats: dict[str, torch.Tensor] = {}
+    if encoders and cfg.encoder_features == "precompute":
+        cache = features if features is not None else FeatureCache()
+        feats = cache.get(encoders, images, images_key(data.hashes, data.image_size), device, seed=cfg.seed,
+                          batch_size=cfg.eval_batch_size, encoder_resize=cfg.encoder_resize)
+    if device.type == "cuda":
+        images = images.to(device)
+        feats = {s: f.to(device) for s, f in feats.items()}
+
+    # same seed -> same CNN init, batch order and augmentations in every arm (paired comparisons)
+    seed_everything(cfg.seed)
+    cnn_cfg = CNNConfig(channels=cfg.cnn_channels, num_classes=len(CLASSES), dropout=cfg.dropout,
+                        input_size=cfg.image_size)
+    cnn = SmallCNN(cnn_cfg)
+    model = FusionModel(cnn, encoders, cfg.mode, len(CLASSES), cfg.encoder_resize, cfg.dropout).to(device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loss_weight = class_weight_tensor(data.labels[train_rows], len(CLASSES)) if cfg.class_weights else None
+    aug = AugConfig(scale=(cfg.aug_scale_min, 1.0), rotate=cfg.aug_rotate, color=cfg.aug_color) \
+        if cfg.augment else None
+    feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.label_smoothing)
+    bs, steps, epochs = plan_steps(len(train_rows), cfg)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    train_t = torch.as_tensor(train_rows)
+
+    def train_epoch(epoch: int) -> dict:
+        batches = [train_t[b] for b in _batches(len(train_rows), bs, steps, g)]
+        return train_one_epoch(model, batches, feeder.step, optimizer, device, amp=cfg.amp,
+                               desc=f"epoch {epoch}", progress=False)
+
+    def validate(epoch: int) -> dict:
+        r = _eval(model, images, feats, val_rows, labels, device, cfg, loss_weight)
+        return {k: r[k] for k in ("loss", "acc", "macro_f1")}
+
+    base = {"run": run_dir.name, "arm": cfg.arm, "mode": cfg.mode, "fraction": float(cfg.fraction),
+            "seed": int(cfg.seed), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
+            "n_test": int(len(test_rows)), "trainable_params": count_parameters(model, trainable_only=True),
+            "image_size": cfg.image_size, "encoder_features": cfg.encoder_features}
+    try:
+        res = fit(model, epochs=epochs, train_epoch=train_epoch, validate=validate, optimizer=optimizer,
+                  monitor="val_macro_f1", mode="max", plateau_patience=cfg.plateau_patience,
+                  early_stop=cfg.early_stop or None, log_path=run_dir / "log.jsonl",
+                  progress=cfg.progress, desc=f"{cfg.arm}/{cfg.mode} f={cfg.fraction} s={cfg.seed}")
+    except NonFiniteLossError as e:
+        result = {**base, "status": "failed", "reason": f"non-finite loss: {e}",
+                  "seconds": round(time.perf_counter() - t0, 2)}
+        atomic_write_json(run_dir / "metrics.json", result)
+        return result
+
+    model.load_state_dict(res.best_state)
+    test = _eval(model, images, feats, test_rows, labels, device, cfg, loss_weight)
+    m = test["metrics"]
+    result = {**base, "status": "ok", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+              "balanced_accuracy": m.get("balanced_accuracy"), "weighted_f1": m.get("weighted_f1"),
+              "per_class": m["per_class"], "confusion": to_plain(m["confusion"]), "classes": list(CLASSES),
+              "test_loss": test["loss"], "best_epoch": res.best_epoch,
+              "val_macro_f1": res.best.get("val_macro_f1"), "val_acc": res.best.get("val_acc"),
+              "epochs_run": len(res.history), "steps": len(res.history) * steps, "batch_size": bs,
+              "stopped_early": res.stopped_early, "gate_weights": test["gates"]}
+    plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc", "macro_f1"),
+                title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
+    save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg),
+                    model=res.best_state, input_spec={"size": cfg.image_size, "channels": 3, "range": [0, 1],
+                                                      "mean": list(cnn_cfg.mean), "std": list(cnn_cfg.std)},
+                    metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
+                    data={"source": data.root, "n_train": len(train_rows), "fraction": cfg.fraction},
+                    train=cfg)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(run_dir / "metrics.json", to_plain(result))
+    return result
+
+
+def fusion_model_config(model: FusionModel, cfg: RunConfig) -> dict:
+    """Plain-dict config that `build_fusion_model` turns back into the same FusionModel."""
+    return {"cnn": to_plain(model.cnn.cfg), "mode": model.mode, "num_classes": model.num_classes,
+            "encoder_resize": model.encoder_resize, "dropout": cfg.dropout, "arm": cfg.arm, "seed": cfg.seed,
+            "checkpoints": {s: getattr(e, "checkpoint_path", None) for s, e in model.encoders.items()}}
+
+
+def run(cfg: RunConfig) -> dict:
+    """`scripts/train_fusion.py` entry: train one run into `cfg.out` and print its test metrics."""
+    r = train_run(cfg)
+    if r["status"] == "ok":
+        print(f"{cfg.out}: test accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f} "
+              f"(best epoch {r['best_epoch']}, {r['seconds']:.1f} s)")
+    else:
+        print(f"{cfg.out}: FAILED: {r['reason']}")
+    return r

@@ -1,0 +1,371 @@
+"""Whole-slide tiling: tissue grid, labels from annotations, and the HDF5 patch store.
+
+Per slide (`plan_slide`): open it, choose the level, detect tissue on a thumbnail, lay a grid of
+patches over it, keep those with enough tissue, and label each from the ASAP XML outlines
+(tumor when at least `tumor_threshold` of its central region lies in tumor). Then the patches are
+read (`read_patches`) and appended to one HDF5 file (schema in `pretrain.store`).
+
+Several slides run in parallel processes ("spawn" context: OpenSlide handles must not cross a
+fork); each worker writes a per-slide part file that the parent merges in input order. A slide
+that fails (unreadable file, patch larger than the level) is reported in the summary and the
+others still complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+from tqdm import tqdm
+
+from .annotations import SlideAnnotations, check_within_slide, parse_asap_xml, rasterize
+from .store import StoreWriter, format_summary, store_attrs
+from .tissue import box_fractions, slide_thumbnail, tissue_mask
+from .wsi import SlideError, choose_level, find_slides, open_slide, read_region_rgb, slide_mpp
+
+
+class PatchTooLargeError(ValueError):
+    """The requested patch does not fit in the chosen pyramid level of a slide."""
+
+
+@dataclass
+class ExtractConfig:
+    """Patch extraction settings. Give at most one of mpp, level, downsample (none: level 0)."""
+
+    slides: list[str] = field(default_factory=list, metadata={"help": "slide files or folders of slides"})
+    annotations: str | None = field(default=None, metadata={"help": "folder of ASAP XML files <slide>.xml"})
+    out: str = field(default="patches.h5", metadata={"help": "output HDF5 patch store"})
+    patch_size: int = field(default=256, metadata={"help": "patch side in output pixels"})
+    mpp: float | None = field(default=None, metadata={"help": "target µm per pixel (picks the level)"})
+    level: int | None = field(default=None, metadata={"help": "pyramid level to read"})
+    downsample: float | None = field(default=None, metadata={"help": "target downsample from level 0"})
+    stride: int | None = field(default=None, metadata={"help": "grid step in output pixels (default: patch size)"})
+    tissue_threshold: float = field(default=0.5, metadata={"help": "minimum tissue fraction of a patch"})
+    tumor_threshold: float = field(default=0.5, metadata={"help": "tumor fraction of the centre region for label 1"})
+    centre_fraction: float = field(default=0.5, metadata={"help": "side of the labelled centre region / patch side"})
+    save_masks: bool = field(default=False, metadata={"help": "store a (P, P) tumor mask per patch"})
+    workers: int = field(default=1, metadata={"help": "slides processed in parallel processes"})
+    compression: str = field(default="none", metadata={"help": "image compression: none, lzf or gzip"})
+    thumbnail_size: int = field(default=512, metadata={"help": "minimum long side of the tissue-mask thumbnail (px)"})
+    min_tissue_area: float = field(default=0.25, metadata={"help": "drop tissue blobs smaller than this many patch areas"})
+    overlays: bool = field(default=True, metadata={"help": "write an overlay PNG per slide"})
+    overlay_dir: str | None = field(default=None, metadata={"help": "default: <out>_overlays/ beside the store"})
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("mpp", "level", "downsample") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of --mpp, --level, --downsample; got {given}")
+        if self.patch_size < 2:
+            raise ValueError(f"patch_size must be >= 2 px, got {self.patch_size}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1 px, got {self.stride}")
+        for k in ("tissue_threshold", "tumor_threshold"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"{k} must lie in [0, 1], got {getattr(self, k)}")
+        if not 0 < self.centre_fraction <= 1:
+            raise ValueError(f"centre_fraction must lie in (0, 1], got {self.centre_fraction}")
+        if self.compression not in ("none", "lzf", "gzip"):
+            raise ValueError(f"compression must be none, lzf or gzip; got {self.compression!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    @property
+    def label_rule(self) -> str:
+        return (f"tumor (1) when >= {self.tumor_threshold:g} of the central {self.centre_fraction:g} x "
+                f"{self.centre_fraction:g} region of the patch lies inside tumor outlines (_0/_1) and outside "
+                f"exclusion outlines (_2); else normal (0)")
+
+
+@dataclass
+class SlidePlan:
+    """Where to read one slide's patches. Coordinates are level-0 (x, y) of each patch's top-left."""
+
+    path: str
+    name: str
+    level: int
+    downsample: float  # level-0 px per output px
+    read_size: int  # px read at `level` per patch (resized to patch_size when different)
+    mpp: float | None  # µm per output pixel, when known
+    note: str
+    coords: np.ndarray  # (N, 2) int64
+    tissue: np.ndarray  # (N,) float32 tissue fraction
+    tumor: np.ndarray  # (N,) float32 tumor fraction of the centre region
+    labels: np.ndarray  # (N,) int8
+    grid_size: int  # patches in the full grid before the tissue filter
+    tissue_fraction: float  # of the whole slide
+    thumb: np.ndarray  # (h, w, 3) uint8
+    mask: np.ndarray  # (h, w) bool tissue
+    scale: tuple[float, float]  # level-0 px per thumbnail px (x, y)
+    annotations: SlideAnnotations | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _label_patches(ann: SlideAnnotations | None, coords: np.ndarray, footprint: float,
+                   cfg: ExtractConfig, grid: int = 16) -> np.ndarray:
+    """Tumor fraction of each patch's centre region; (N,) float32. Bounding boxes reject most patches."""
+    frac = np.zeros(len(coords), np.float32)
+    if ann is None or not ann.tumor or not len(coords):
+        return frac
+    c = cfg.centre_fraction * footprint
+    x0 = coords[:, 0] + (footprint - c) / 2
+    y0 = coords[:, 1] + (footprint - c) / 2
+    boxes = np.array([a.bbox for a in ann.tumor])  # (A, 4)
+    hit = ((x0[:, None] < boxes[None, :, 2]) & (x0[:, None] + c > boxes[None, :, 0])
+           & (y0[:, None] < boxes[None, :, 3]) & (y0[:, None] + c > boxes[None, :, 1])).any(1)
+    for i in np.nonzero(hit)[0]:
+        frac[i] = rasterize(ann, (x0[i], y0[i]), (grid, grid), downsample=c / grid).mean()
+    return frac
+
+
+def _thumbnail_side(w0: int, h0: int, footprint: float, cfg: ExtractConfig) -> int:
+    """Long side of the tissue-mask thumbnail: ~16 mask px per patch side, but at least
+    `cfg.thumbnail_size` px (coarser is pointless) and at most 8192 px (memory, time)."""
+    long = max(w0, h0)
+    scale = max(1.0, min(footprint / 16, long / cfg.thumbnail_size), long / 8192)
+    return max(1, round(long / scale))
+
+
+def plan_slide(path: str | os.PathLike, annotation_xml: str | os.PathLike | None, cfg: ExtractConfig,
+               slide=None) -> SlidePlan:
+    """Level, tissue mask, tissue grid and labels for one slide (reads only the thumbnail).
+
+    Raises:
+        SlideError: OpenSlide cannot open or decode the file.
+        PatchTooLargeError: the patch is larger than the chosen level.
+        AnnotationError: malformed or empty annotation XML.
+    """
+    path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        own = slide is None
+        slide = open_slide(path) if own else slide
+        try:
+            level, ds, note = choose_level(slide, mpp=cfg.mpp, downsample=cfg.downsample, level=cfg.level)
+            lw, lh = slide.level_dimensions[level]
+            read = max(1, round(cfg.patch_size * ds / float(slide.level_downsamples[level])))
+            if read > lw or read > lh:
+                raise PatchTooLargeError(
+                    f"{path}: a {cfg.patch_size} px patch at downsample {ds:.4g} needs {read}x{read} px of level "
+                    f"{level}, which is only {lw}x{lh} px; use a smaller --patch-size or a finer level/mpp")
+            w0, h0 = slide.dimensions
+            thumb, sx, sy = slide_thumbnail(slide, _thumbnail_side(w0, h0, cfg.patch_size * ds, cfg))
+            base_mpp = slide_mpp(slide)
+        except (openslide.OpenSlideError, OSError) as e:  # tiles that fail to decode in the thumbnail
+            raise SlideError(path, f"thumbnail could not be read ({e})") from e
+        finally:
+            if own:
+                slide.close()
+        fp = cfg.patch_size * ds  # footprint in level-0 px
+        step = (cfg.stride or cfg.patch_size) * ds
+        min_area = max(1, round(cfg.min_tissue_area * fp * fp / (sx * sy)))
+        mask, _ = tissue_mask(thumb, min_area=min_area)
+        xs = np.arange(0, w0 - fp + 1e-6, step)
+        ys = np.arange(0, h0 - fp + 1e-6, step)
+        gx, gy = np.meshgrid(xs, ys)
+        coords = np.stack([gx.ravel(), gy.ravel()], 1).round().astype(np.int64)
+        boxes = np.stack([coords[:, 0] / sx, coords[:, 1] / sy, (coords[:, 0] + fp) / sx,
+                          (coords[:, 1] + fp) / sy], 1)
+        tissue = box_fractions(mask, boxes).astype(np.float32) if len(coords) else np.zeros(0, np.float32)
+        keep = tissue >= max(cfg.tissue_threshold, 1e-9)
+        ann = None
+        if annotation_xml is not None:
+            ann = parse_asap_xml(annotation_xml)
+            check_within_slide(ann, w0, h0, path.name)
+        tumor = _label_patches(ann, coords[keep], fp, cfg)
+        if not keep.any():
+            warnings.warn(f"{path}: no patch has >= {cfg.tissue_threshold:g} tissue (slide tissue fraction "
+                          f"{mask.mean():.3f}); 0 patches from this slide", stacklevel=2)
+    return SlidePlan(
+        path=str(path), name=path.stem, level=level, downsample=ds, read_size=read,
+        mpp=base_mpp * ds if base_mpp else None, note=note, coords=coords[keep], tissue=tissue[keep],
+        tumor=tumor, labels=(tumor >= cfg.tumor_threshold).astype(np.int8) if ann else np.zeros(keep.sum(), np.int8),
+        grid_size=len(coords), tissue_fraction=float(mask.mean()), thumb=thumb, mask=mask, scale=(sx, sy),
+        annotations=ann,
+        warnings=[str(w.message) for w in caught])
+
+
+def read_patches(plan: SlidePlan, cfg: ExtractConfig, batch: int = 64, slide=None,
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Yield (start, images uint8 (B, P, P, 3), masks uint8 (B, P, P) or None) in plan order."""
+    own = slide is None
+    slide = open_slide(plan.path) if own else slide
+    P, r = cfg.patch_size, plan.read_size
+    try:
+        for s in range(0, len(plan.coords), batch):
+            cs = plan.coords[s:s + batch]
+            imgs = np.empty((len(cs), P, P, 3), np.uint8)
+            for k, (x, y) in enumerate(cs):
+                a = read_region_rgb(slide, (int(x), int(y)), plan.level, (r, r), plan.path)
+                if r != P:
+                    a = np.asarray(Image.fromarray(a).resize((P, P), Image.Resampling.BOX if r > P
+                                                              else Image.Resampling.BILINEAR))
+                imgs[k] = a
+            masks = None
+            if cfg.save_masks:
+                masks = np.zeros((len(cs), P, P), np.uint8)
+                if plan.annotations is not None:
+                    for k, (x, y) in enumerate(cs):
+                        masks[k] = rasterize(plan.annotations, (x, y), (P, P), plan.downsample)
+            yield s, imgs, masks
+    finally:
+        if own:
+            slide.close()
+
+
+def slide_summary(plan: SlidePlan | None, path: str | os.PathLike, seconds: float, error: str | None = None,
+                  overlay: str | None = None) -> dict:
+    base = {"slide": Path(path).stem, "path": str(path)}
+    if plan is None:
+        return {**base, "status": "failed", "error": error, "patches": 0, "tumor_patches": 0,
+                "seconds": round(seconds, 3)}
+    return {**base, "status": "ok", "patches": int(len(plan.coords)), "tumor_patches": int(plan.labels.sum()),
+            "grid_patches": plan.grid_size, "tissue_fraction": round(plan.tissue_fraction, 4),
+            "level": plan.level, "downsample": round(plan.downsample, 4), "read_size": plan.read_size,
+            "mpp": round(plan.mpp, 4) if plan.mpp else None, "level_note": plan.note,
+            "annotations": plan.annotations.path if plan.annotations else None, "warnings": plan.warnings,
+            "overlay": overlay, "seconds": round(seconds, 3)}
+
+
+def extract_slide(path: str | os.PathLike, annotation_xml: str | os.PathLike | None, cfg: ExtractConfig,
+                  ) -> tuple[dict[str, np.ndarray], dict]:
+    """All patches of one slide in memory (small slides, tests): arrays images (N,P,P,3) uint8,
+    labels (N,) int8, coords (N,2) int64, tissue/tumor (N,) float32 [, masks (N,P,P) uint8]; and its summary."""
+    t0 = time.time()
+    plan = plan_slide(path, annotation_xml, cfg)
+    n, P = len(plan.coords), cfg.patch_size
+    out = {"images": np.empty((n, P, P, 3), np.uint8), "labels": plan.labels, "coords": plan.coords,
+           "tissue": plan.tissue, "tumor": plan.tumor}
+    if cfg.save_masks:
+        out["masks"] = np.empty((n, P, P), np.uint8)
+    for s, imgs, masks in read_patches(plan, cfg):
+        out["images"][s:s + len(imgs)] = imgs
+        if masks is not None:
+            out["masks"][s:s + len(imgs)] = masks
+    return out, slide_summary(plan, path, time.time() - t0)
+
+
+def iter_tissue_tiles(slide_path: str | os.PathLike, size: int = 256, mpp: float | None = None,
+                      level: int | None = None, tissue_threshold: float = 0.5, stride: int | None = None,
+                      shuffle: bool = False, seed: int = 0) -> Iterator[np.ndarray]:
+    """Unlabelled tissue tiles of one slide, uint8 (size, size, 3), for self-supervised pretraining.
+
+    Grid order, or a seeded random order with `shuffle`. A slide without tissue yields nothing (and warns).
+    """
+    cfg = ExtractConfig(patch_size=size, mpp=mpp, level=level, tissue_threshold=tissue_threshold,
+                        stride=stride, overlays=False)
+    plan = plan_slide(slide_path, None, cfg)
+    for m in plan.warnings:
+        warnings.warn(m, stacklevel=2)
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(len(plan.coords))
+        plan.coords, plan.labels = plan.coords[order], plan.labels[order]
+    for _, imgs, _ in read_patches(plan, cfg, batch=16):
+        yield from imgs
+
+
+def _process_slide(path: str, xml: str | None, cfg: ExtractConfig, writer: StoreWriter, slide_index: int,
+                   overlay_path: str | None, progress: bool = False) -> dict:
+    """Plan, read and append one slide to `writer`; never raises for a bad slide (returns a failure)."""
+    t0 = time.time()
+    try:
+        plan = plan_slide(path, xml, cfg)
+        bar = tqdm(total=len(plan.coords), desc=plan.name, unit="patch", leave=False, disable=not progress)
+        for _, imgs, masks in read_patches(plan, cfg):
+            writer.append(imgs, masks)
+            bar.update(len(imgs))
+        bar.close()
+        writer.append_meta(plan.labels, plan.coords, slide_index, plan.tissue, plan.tumor)
+    except (ValueError, openslide.OpenSlideError) as e:  # SlideError, PatchTooLargeError, AnnotationError, ...
+        writer.rollback()
+        return slide_summary(None, path, time.time() - t0, error=str(e))
+    overlay = None
+    if overlay_path:
+        from .overlay import save_overlay
+
+        overlay = str(save_overlay(plan, cfg, overlay_path))
+    return slide_summary(plan, path, time.time() - t0, overlay=overlay)
+
+
+def _worker(path: str, xml: str | None, cfg: ExtractConfig, part: str, overlay_path: str | None) -> dict:
+    with StoreWriter(part, cfg.patch_size, cfg.save_masks, cfg.compression) as w:
+        return _process_slide(path, xml, cfg, w, 0, overlay_path)
+
+
+def extract_patches(slides: list[str | os.PathLike] | None = None, annotations_dir: str | os.PathLike | None = None,
+                    out: str | os.PathLike | None = None, cfg: ExtractConfig | None = None,
+                    workers: int | None = None) -> list[dict]:
+    """Extract every slide into one HDF5 store; returns the per-slide summary (failures included).
+
+    Arguments left None come from `cfg`. The store is written as `<out>.tmp` and renamed at the end;
+    per-slide warnings are re-emitted here. Raises only for problems with the whole job (no
+    slides, duplicate slide names, a missing annotations folder).
+    """
+    cfg = cfg or ExtractConfig()
+    slides = find_slides(list(slides if slides is not None else cfg.slides))
+    if not slides:
+        raise ValueError("no slides given; pass --slides PATH [PATH ...]")
+    ann_dir = annotations_dir if annotations_dir is not None else cfg.annotations
+    if ann_dir is not None and not Path(ann_dir).is_dir():
+        raise FileNotFoundError(f"annotations folder {ann_dir} does not exist")
+    out = Path(out if out is not None else cfg.out)
+    workers = max(1, min(workers or cfg.workers, len(slides)))
+    names = [p.stem for p in slides]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"slide names must be unique (they become slide ids); repeated: {dup}")
+    xmls = [str(Path(ann_dir) / f"{n}.xml") if ann_dir and (Path(ann_dir) / f"{n}.xml").is_file() else None
+            for n in names]
+    ov_dir = Path(cfg.overlay_dir) if cfg.overlay_dir else out.with_name(out.stem + "_overlays")
+    ovs = [str(ov_dir / f"{n}.png") if cfg.overlays else None for n in names]
+    tmp = out.with_name(out.name + ".tmp")
+    summary: list[dict] = []
+    with StoreWriter(tmp, cfg.patch_size, cfg.save_masks, cfg.compression) as writer:
+        if workers == 1:
+            for i, (p, x, o) in enumerate(tqdm(list(zip(slides, xmls, ovs, strict=True)), desc="slides",
+                                               unit="slide", disable=len(slides) == 1)):
+                summary.append(_process_slide(str(p), x, cfg, writer, i, o, progress=True))
+        else:
+            parts_dir = out.with_name(out.name + ".parts")
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            parts = [parts_dir / f"{i:05d}_{n}.h5" for i, n in enumerate(names)]
+            results: dict[int, dict] = {}
+            try:
+                with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                    futs = {pool.submit(_worker, str(p), x, cfg, str(pt), o): i
+                            for i, (p, x, pt, o) in enumerate(zip(slides, xmls, parts, ovs, strict=True))}
+                    for f in tqdm(cf.as_completed(futs), total=len(futs), desc="slides", unit="slide"):
+                        i = futs[f]
+                        try:
+                            results[i] = f.result()
+                        except Exception as e:  # a crashed worker (e.g. a segfault inside a codec)
+                            results[i] = slide_summary(None, slides[i], 0.0,
+                                                       error=f"{slides[i]}: worker failed ({type(e).__name__}: {e})")
+                for i in range(len(slides)):
+                    if results[i]["status"] == "ok":
+                        writer.merge(parts[i], slide_index=i)
+                    summary.append(results[i])
+            finally:
+                shutil.rmtree(parts_dir, ignore_errors=True)
+        for s in summary:
+            for m in s.get("warnings", []):
+                warnings.warn(m, stacklevel=2)
+        writer.finish(names, store_attrs(cfg, summary))
+    os.replace(tmp, out)
+    return summary
+
+
+def run(cfg: ExtractConfig) -> int:
+    """Command-line job: extract, print the summary table; exit status 1 when any slide failed."""
+    summary = extract_patches(cfg=cfg)
+    print(format_summary(summary, cfg.out))
+    return 1 if any(s["status"] != "ok" for s in summary) else 0

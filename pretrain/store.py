@@ -1,0 +1,163 @@
+"""The HDF5 patch store written by `pretrain.extract` and read by `pretrain.patches`.
+
+Schema (N patches of P x P px):
+    images       (N, P, P, 3) uint8, chunked (1, P, P, 3), optional lzf/gzip compression
+    labels       (N,) int8          0 normal, 1 tumor
+    masks        (N, P, P) uint8    optional, 1 = tumor pixel
+    coords       (N, 2) int64       level-0 (x, y) of each patch's top-left corner
+    slide_index  (N,) int32         index into slide_names
+    slide_names  (S,) UTF-8 strings
+    tissue       (N,) float32       tissue fraction of the patch (from the thumbnail mask)
+    tumor        (N,) float32       tumor fraction of the patch's centre region
+    attrs: format="wbc-fusion-patches", patch_size, level, downsample, mpp (-1 when not fixed),
+           stride, tissue_threshold, tumor_threshold, label_rule, created, version, config (JSON),
+           slides (JSON per-slide summary)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .patches import STORE_FORMAT
+
+_META = {"labels": np.int8, "coords": np.int64, "slide_index": np.int32, "tissue": np.float32,
+         "tumor": np.float32}
+
+
+class StoreWriter:
+    """Append patches slide by slide; `rollback` drops a half-written slide; `finish` writes names and attrs."""
+
+    def __init__(self, path: str | os.PathLike, patch_size: int, save_masks: bool = False,
+                 compression: str = "none") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = h5py.File(self.path, "w")
+        P = patch_size
+        comp = {} if compression == "none" else {"compression": compression}
+        self.f.create_dataset("images", (0, P, P, 3), np.uint8, maxshape=(None, P, P, 3), chunks=(1, P, P, 3), **comp)
+        if save_masks:
+            self.f.create_dataset("masks", (0, P, P), np.uint8, maxshape=(None, P, P), chunks=(1, P, P),
+                                  compression="lzf")
+        for k, dt in _META.items():
+            shape = (0, 2) if k == "coords" else (0,)
+            self.f.create_dataset(k, shape, dt, maxshape=(None,) + shape[1:], chunks=(4096,) + shape[1:])
+        self.n_images = 0  # images written so far
+        self.n_committed = 0  # images whose metadata is written
+
+    def _grow(self, name: str, data: np.ndarray, at: int) -> None:
+        d = self.f[name]
+        if d.shape[0] < at + len(data):
+            d.resize(at + len(data), axis=0)
+        d[at:at + len(data)] = data
+
+    def append(self, images: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """Images (B, P, P, 3) uint8 [and masks (B, P, P)] of the current slide."""
+        self._grow("images", images, self.n_images)
+        if "masks" in self.f and masks is not None:
+            self._grow("masks", masks, self.n_images)
+        self.n_images += len(images)
+
+    def append_meta(self, labels: np.ndarray, coords: np.ndarray, slide_index: int,
+                    tissue: np.ndarray, tumor: np.ndarray) -> None:
+        """Close the current slide: one metadata row per image appended since the last slide."""
+        n = self.n_images - self.n_committed
+        if len(labels) != n:
+            raise ValueError(f"{self.path}: {n} images appended for this slide but {len(labels)} labels")
+        at = self.n_committed
+        for k, v in (("labels", labels), ("coords", coords), ("tissue", tissue), ("tumor", tumor),
+                     ("slide_index", np.full(n, slide_index))):
+            self._grow(k, np.asarray(v, dtype=_META[k]), at)
+        self.n_committed = self.n_images
+
+    def rollback(self) -> None:
+        """Forget images of a slide that failed half-way."""
+        self.n_images = self.n_committed
+        for k in ("images", "masks"):
+            if k in self.f:
+                self.f[k].resize(self.n_committed, axis=0)
+
+    def merge(self, part: str | os.PathLike, slide_index: int, block: int = 256) -> None:
+        """Append every patch of a per-slide part file (written by a worker) as slide `slide_index`."""
+        with h5py.File(part, "r") as g:
+            n = g["labels"].shape[0]
+            for s in range(0, n, block):
+                e = min(n, s + block)
+                self.append(g["images"][s:e], g["masks"][s:e] if "masks" in g else None)
+            self.append_meta(g["labels"][:], g["coords"][:], slide_index, g["tissue"][:], g["tumor"][:])
+
+    def finish(self, slide_names: list[str], attrs: dict[str, Any]) -> None:
+        self.rollback()
+        self.f.create_dataset("slide_names", data=np.array(slide_names, dtype=object),
+                              dtype=h5py.string_dtype("utf-8"))
+        for k, v in attrs.items():
+            self.f.attrs[k] = v
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _common(values: list, default: float) -> float:
+    vals = {v for v in values if v is not None}
+    return vals.pop() if len(vals) == 1 else default
+
+
+def store_attrs(cfg: Any, summary: list[dict]) -> dict[str, Any]:
+    """File attributes: requested parameters; level/downsample/mpp are -1 unless one value for all slides."""
+    from .config import to_plain
+
+    ok = [s for s in summary if s["status"] == "ok"]
+    return {
+        "format": STORE_FORMAT,
+        "patch_size": int(cfg.patch_size),
+        "level": int(cfg.level if cfg.level is not None else _common([s["level"] for s in ok], -1)),
+        "downsample": float(cfg.downsample if cfg.downsample is not None
+                            else _common([s["downsample"] for s in ok], -1.0)),
+        "mpp": float(cfg.mpp if cfg.mpp is not None else _common([s.get("mpp") for s in ok], -1.0)),
+        "stride": int(cfg.stride or cfg.patch_size),
+        "tissue_threshold": float(cfg.tissue_threshold),
+        "tumor_threshold": float(cfg.tumor_threshold),
+        "label_rule": cfg.label_rule,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "version": __version__,
+        "config": json.dumps(to_plain(cfg)),
+        "slides": json.dumps(summary),
+    }
+
+
+def format_summary(summary: list[dict], out: str | os.PathLike | None = None) -> str:
+    """Per-slide table: patches, tumor patches, tissue fraction, level, seconds; then the failures."""
+    rows = [f"{'slide':<32} {'patches':>8} {'tumor':>6} {'tissue':>7} {'level':>5} {'ds':>6} {'sec':>7}"]
+    for s in summary:
+        if s["status"] == "ok":
+            rows.append(f"{s['slide'][:32]:<32} {s['patches']:>8} {s['tumor_patches']:>6} "
+                        f"{s['tissue_fraction']:>7.3f} {s['level']:>5} {s['downsample']:>6.3g} {s['seconds']:>7.2f}")
+        else:
+            rows.append(f"{s['slide'][:32]:<32} {'FAILED':>8}")
+    n = sum(s["patches"] for s in summary)
+    t = sum(s["tumor_patches"] for s in summary)
+    bad = [s for s in summary if s["status"] != "ok"]
+    rows.append(f"total: {n} patches ({t} tumor) from {len(summary) - len(bad)} of {len(summary)} slides"
+                + (f" -> {out}" if out else ""))
+    for s in summary:
+        for note in (s.get("level_note"),):
+            if note and ("no µm/px" in note or "implausible" in note or "finer than" in note):
+                rows.append(f"note {s['slide']}: {note}")
+    if bad:
+        rows.append(f"{len(bad)} slide(s) failed:")
+        rows += [f"  {s['error']}" for s in bad]
+    return "\n".join(rows)

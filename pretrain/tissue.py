@@ -1,0 +1,102 @@
+"""Tissue detection on a low-resolution thumbnail: Otsu on HSV saturation, then a minimum area.
+
+H&E-stained tissue is coloured (saturated); glass, background and most dust are grey. Otsu's
+threshold on the saturation channel separates the two; a floor on the threshold keeps a blank
+slide (only noise) from being split in half, and components smaller than a minimum area are
+dropped (dust, debris), holes inside tissue are kept as tissue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openslide
+from scipy import ndimage
+
+#: Saturation (0-255) below which nothing counts as tissue, whatever Otsu says.
+MIN_SATURATION = 20
+#: Pixels this dark are pen marks, folds or scanner black borders, not tissue.
+MAX_DARKNESS = 30
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation of uint8 (H, W, 3) -> uint8 (H, W), 0 for grey pixels."""
+    x = rgb.astype(np.int16)
+    mx, mn = x.max(-1), x.min(-1)
+    s = np.where(mx > 0, (mx - mn) * 255 // np.maximum(mx, 1), 0)
+    return s.astype(np.uint8)
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values: t maximising between-class variance of (< t, >= t)."""
+    hist = np.bincount(values.reshape(-1), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0
+    levels = np.arange(256)
+    w0 = np.cumsum(hist)  # count of values <= t-1 when threshold is t
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    return int(np.argmax(between)) + 1
+
+
+def tissue_mask(rgb: np.ndarray, min_area: int = 16, min_saturation: int = MIN_SATURATION,
+                fill_holes: bool = True) -> tuple[np.ndarray, int]:
+    """Tissue mask of a thumbnail.
+
+    Args:
+        rgb: uint8 (H, W, 3) thumbnail.
+        min_area: connected components smaller than this many thumbnail pixels are dropped.
+        min_saturation: lower bound on the Otsu threshold (0-255).
+    Returns:
+        (mask bool (H, W), saturation threshold used).
+    """
+    if rgb.ndim != 3 or rgb.shape[-1] < 3:
+        raise ValueError(f"tissue_mask expects an (H, W, 3) RGB thumbnail, got shape {rgb.shape}")
+    rgb = rgb[..., :3]
+    sat = ndimage.median_filter(saturation(rgb), size=3)
+    thr = max(otsu_threshold(sat), int(min_saturation))
+    mask = (sat >= thr) & (rgb.max(-1) > MAX_DARKNESS)
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=1, border_value=0)
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    if min_area > 1 and mask.any():
+        lab, n = ndimage.label(mask)
+        sizes = np.bincount(lab.reshape(-1))
+        keep = sizes >= min_area
+        keep[0] = False
+        mask = keep[lab]
+    return mask, thr
+
+
+def slide_thumbnail(slide: openslide.OpenSlide, max_size: int = 2048) -> tuple[np.ndarray, float, float]:
+    """RGB thumbnail of at most `max_size` px on the long side (never upsampled).
+
+    Returns:
+        (uint8 (h, w, 3), sx, sy): level-0 pixels per thumbnail pixel along x and y.
+    """
+    w0, h0 = slide.dimensions
+    scale = max(1.0, max(w0, h0) / max_size)
+    size = (max(1, round(w0 / scale)), max(1, round(h0 / scale)))
+    thumb = slide.get_thumbnail(size).convert("RGB")  # composited onto the slide's background colour
+    arr = np.asarray(thumb)
+    return arr, w0 / arr.shape[1], h0 / arr.shape[0]
+
+
+def box_fractions(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Mean of `mask` over each box (x0, y0, x1, y1) in mask pixels (fractional allowed), via an integral image.
+
+    Boxes are snapped outward to whole pixels and to at least one pixel.
+    """
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
+    ii[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), 0), 1)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    h, w = mask.shape
+    x0 = np.clip(np.floor(b[:, 0] + 1e-6), 0, w - 1).astype(np.int64)
+    y0 = np.clip(np.floor(b[:, 1] + 1e-6), 0, h - 1).astype(np.int64)
+    x1 = np.clip(np.maximum(np.ceil(b[:, 2] - 1e-6), x0 + 1), 1, w).astype(np.int64)
+    y1 = np.clip(np.maximum(np.ceil(b[:, 3] - 1e-6), y0 + 1), 1, h).astype(np.int64)
+    s = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    return s / ((x1 - x0) * (y1 - y0))

@@ -1,0 +1,200 @@
+"""Pretrain the PRCC convolutional autoencoder: config dataclass and `fit_prcc(cfg) -> metrics`.
+
+Run folder (`cfg.run_dir`): config.yaml, log.jsonl (one JSON line per epoch), loss_curve.png,
+reconstructions.png, metrics.json. The best-on-validation model is written to `cfg.out` atomically
+every time it improves, so an interrupted run leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from .autoencoder import AEConfig, ConvAutoencoder
+from .checkpoint import save_checkpoint
+from .config import save_config, to_plain
+from .engine import evaluate, fit, train_one_epoch
+from .plots import image_grid, plot_curves
+from .prcc import (
+    ImageSet,
+    RandomCropDataset,
+    default_augment,
+    fixed_crops,
+    load_image_folder,
+    mean_image_mse,
+    split_by_image,
+)
+from .utils import atomic_write_json, count_parameters, get_device, seed_everything, seed_worker
+
+KIND = "prcc_autoencoder"
+
+
+@dataclass
+class PRCCConfig:
+    """Everything that defines one autoencoder pretraining run (saved as run_dir/config.yaml)."""
+
+    data: str = "data/demo/prcc"  # folder searched recursively for images
+    out: str = "checkpoints/prcc_autoencoder.pt"  # best-on-validation checkpoint
+    run_dir: str = "runs/prcc"  # logs, plots, metrics
+    image_size: int = 64  # crop size S in pixels
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    val_fraction: float = 0.15  # fraction of IMAGES held out
+    crops_per_image: int = 16  # random training crops per image and epoch
+    val_crops_per_image: int = 8  # fixed validation crops per held-out image
+    group_regex: str = ""  # images whose names share this regex match stay on one side of the split
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    base_width: int = 32
+    depth: int = 3
+    latent_channels: int = 64
+    augment: bool = True
+    plateau_patience: int = 3
+    early_stop: int = 0  # stop after this many epochs without improvement; 0 = off
+    amp: bool = True  # bfloat16 autocast on CUDA only
+    max_bad_fraction: float = 0.5  # error when more than this fraction of files cannot be decoded
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "epochs", "batch_size", "crops_per_image", "val_crops_per_image"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PRCCConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"PRCCConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"PRCCConfig.lr must be positive, got {self.lr}")
+        if self.num_workers < 0:
+            raise ValueError(f"PRCCConfig.num_workers must be >= 0, got {self.num_workers}")
+
+    def model_config(self) -> AEConfig:
+        return AEConfig(base_width=self.base_width, depth=self.depth, latent_channels=self.latent_channels,
+                        input_size=self.image_size)
+
+
+def _mse_step(model, batch, device):
+    """uint8 (B, 3, S, S) -> MSE between reconstruction and input, both in [0, 1]."""
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    x = x.to(device, non_blocking=True).float().div_(255.0)
+    loss = F.mse_loss(model(x).float(), x)
+    return loss, x.shape[0], {}
+
+
+def _ratio(mse: float, baseline: float) -> float:
+    return mse / baseline if baseline > 0 else float("nan")  # constant images: no baseline to beat
+
+
+def _grid(model: ConvAutoencoder, crops: np.ndarray, device: torch.device, path: Path, n: int = 8) -> None:
+    """PNG of validation inputs (top row) over their reconstructions (bottom row)."""
+    idx = np.linspace(0, len(crops) - 1, min(n, len(crops))).round().astype(int)
+    x = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float().div(255.0).to(device)
+    model.eval()
+    with torch.no_grad():
+        r = model(x).float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    image_grid([crops[idx], r], path, row_titles=["input", "reconstruction"],
+               title="PRCC autoencoder, validation crops")
+
+
+def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
+    """Train the autoencoder on random crops of `images` (default: every image under `cfg.data`).
+
+    Returns the final metrics: best val_mse and its epoch, the mean-image baseline MSE on the same
+    fixed validation crops, their ratio, counts, seconds and the checkpoint path.
+    """
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    model_cfg = cfg.model_config()  # validates image_size vs depth before any decoding
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log_path = run_dir / "log.jsonl"
+    log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
+
+    if images is None:
+        images = load_image_folder(cfg.data, min_size=cfg.image_size, max_bad_fraction=cfg.max_bad_fraction)
+    train_idx, val_idx = split_by_image(images.names, cfg.val_fraction, cfg.seed, cfg.group_regex)
+    train_arrays = [images.arrays[i] for i in train_idx]
+    val_arrays = [images.arrays[i] for i in val_idx]
+
+    val_crops = fixed_crops(val_arrays, cfg.image_size, cfg.val_crops_per_image, seed=cfg.seed + 1)
+    ref_crops = fixed_crops(train_arrays, cfg.image_size, cfg.val_crops_per_image, seed=cfg.seed + 2)
+    baseline, val_var = mean_image_mse(ref_crops, val_crops)
+
+    train_ds = RandomCropDataset(train_arrays, cfg.image_size, cfg.crops_per_image, seed=cfg.seed,
+                                 augment=default_augment() if cfg.augment else None)
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                          num_workers=cfg.num_workers, worker_init_fn=seed_worker,
+                          pin_memory=device.type == "cuda", drop_last=len(train_ds) > cfg.batch_size)
+    val_dl = DataLoader(TensorDataset(torch.from_numpy(val_crops).permute(0, 3, 1, 2).contiguous()),
+                        batch_size=max(cfg.batch_size, 64), shuffle=False)
+
+    model = ConvAutoencoder(model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data_info = {**images.data_info(), "n_train_images": len(train_idx), "n_val_images": len(val_idx),
+                 "val_images": [images.names[i] for i in val_idx]}
+    amp = cfg.amp and device.type == "cuda"
+    if cfg.progress:
+        tqdm.write(f"prcc: {len(images)} images ({len(train_idx)} train, {len(val_idx)} val), "
+                   f"{len(train_ds)} crops/epoch, {count_parameters(model):,} parameters, device {device}, "
+                   f"mean-image baseline MSE {baseline:.5f}")
+
+    def train_epoch(epoch: int) -> dict:
+        train_ds.set_epoch(epoch)
+        return train_one_epoch(model, train_dl, _mse_step, opt, device, amp=amp, desc=f"epoch {epoch}",
+                               progress=cfg.progress)
+
+    def validate(epoch: int) -> dict:
+        m = evaluate(model, val_dl, _mse_step, device, amp=amp)
+        return {"loss": m["loss"], "mse_over_baseline": _ratio(m["loss"], baseline)}
+
+    def on_best(epoch: int, row: dict) -> None:
+        save_checkpoint(cfg.out, kind=KIND, config=model_cfg, model=model, input_spec=model.input_spec(),
+                        metrics={"epoch": epoch, "val_mse": row["val_loss"], "train_mse": row["train_loss"],
+                                 "baseline_mse": baseline, "val_variance": val_var},
+                        data=data_info, train=cfg)
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        if cfg.progress:
+            tqdm.write(json.dumps(row))
+
+    res = fit(model, epochs=cfg.epochs, train_epoch=train_epoch, validate=validate, optimizer=opt,
+              monitor="val_loss", plateau_patience=cfg.plateau_patience,
+              early_stop=cfg.early_stop or None, log_path=log_path, on_best=on_best, on_epoch=on_epoch,
+              progress=cfg.progress)
+
+    model.load_state_dict(res.best_state)
+    plot_curves(res.history, run_dir / "loss_curve.png", metrics=("loss",), logy=True,
+                title=f"PRCC autoencoder MSE (mean-image baseline {baseline:.4f})")
+    _grid(model, val_crops, device, run_dir / "reconstructions.png")
+    best_mse = float(res.best["val_loss"])
+    metrics = {
+        "best_epoch": res.best_epoch,
+        "val_mse": best_mse,
+        "train_mse": float(res.best["train_loss"]),
+        "baseline_mse": baseline,
+        "val_variance": val_var,
+        "mse_over_baseline": _ratio(best_mse, baseline),
+        "epochs_run": len(res.history),
+        "stopped_early": res.stopped_early,
+        "seconds": round(res.seconds, 2),
+        "n_images": len(images),
+        "n_train_images": len(train_idx),
+        "n_val_images": len(val_idx),
+        "n_val_crops": int(len(val_crops)),
+        "parameters": count_parameters(model),
+        "device": str(device),
+        "checkpoint": str(cfg.out),
+        "fingerprint": images.fingerprint,
+    }
+    atomic_write_json(run_dir / "metrics.json", to_plain(metrics))
+    return metrics
