@@ -130,7 +130,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
     t0 = time.perf_counter()
     data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress)
-    split = prepare_split(cfg, data, out / "split.json")
+    split = prepare_split(cfg, data, out / "split.json", cfg.fractions)
     ctx = SweepContext(data, split)
     print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
     bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.progress,

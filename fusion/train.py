@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class RunConfig:
     out: str = field(default="runs/run", metadata={"help": "run folder"})
     overwrite: bool = field(default=False, metadata={"help": "empty an existing run folder first"})
     progress: bool = True
+    curves: bool = field(default=True, metadata={"help": "write curves.png (about a second per run on CPU)"})
 
     def __post_init__(self) -> None:
         check_arm(self.arm)
@@ -104,12 +106,17 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path) -> dict:
-    """Load the split file, or make it from `data` once and save it (so later runs reuse it)."""
+def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path, fractions: Sequence[float] = ()) -> dict:
+    """Load the split file, or make it from `data` once and save it (so later runs reuse it).
+
+    `fractions` (default: the run's own) are stored in a new file; others are derived on demand,
+    reproducibly, from the file's stored training order.
+    """
     path = Path(cfg.split) if cfg.split else default_path
     if path.is_file():
         return load_split(path)
-    split = make_split(data, val=cfg.val, test=cfg.test, fractions=(0.01, 0.1, 0.5, 1.0), seed=cfg.split_seed)
+    split = make_split(data, val=cfg.val, test=cfg.test, fractions=tuple(fractions) or (cfg.fraction,),
+                       seed=cfg.split_seed)
     save_split(split, path)
     return split
 
@@ -303,8 +310,9 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
               "val_macro_f1": res.best.get("val_macro_f1"), "val_acc": res.best.get("val_acc"),
               "epochs_run": len(res.history), "steps": len(res.history) * steps, "batch_size": bs,
               "stopped_early": res.stopped_early, "gate_weights": test["gates"]}
-    plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc", "macro_f1"),
-                title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
+    if cfg.curves:
+        plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc", "macro_f1"),
+                    title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
     save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg),
                     model=res.best_state, input_spec={"size": cfg.image_size, "channels": 3, "range": [0, 1],
                                                       "mean": list(cnn_cfg.mean), "std": list(cnn_cfg.std)},

@@ -54,7 +54,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             non_none = [a for a in args if a is not type(None)]
             t = non_none[0] if non_none else str
         if t is bool:
-            parser.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="BOOL", help=helptext)
+            # `--flag` alone means true; `--flag false` still works
+            parser.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
+                                help=helptext)
         elif t in (int, float, str):
             parser.add_argument(flag, dest=f.name, type=t, default=None, help=helptext)
         else:

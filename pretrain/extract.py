@@ -5,8 +5,8 @@ patches over it, keep those with enough tissue, and label each from the ASAP XML
 (tumor when at least `tumor_threshold` of its central region lies in tumor). Then the patches are
 read (`read_patches`) and appended to one HDF5 file (schema in `pretrain.store`).
 
-Several slides run in parallel processes ("spawn" context: OpenSlide handles must not cross a
-fork); each worker writes a per-slide part file that the parent merges in input order. A slide
+Several slides run in parallel processes (forkserver/spawn: OpenSlide and HDF5 handles must not
+cross a fork from a parent that has them open); each worker writes a per-slide part file that the parent merges in input order. A slide
 that fails (unreadable file, patch larger than the level) is reported in the summary and the
 others still complete.
 """
@@ -241,17 +241,23 @@ def extract_slide(path: str | os.PathLike, annotation_xml: str | os.PathLike | N
     """All patches of one slide in memory (small slides, tests): arrays images (N,P,P,3) uint8,
     labels (N,) int8, coords (N,2) int64, tissue/tumor (N,) float32 [, masks (N,P,P) uint8]; and its summary."""
     t0 = time.time()
-    plan = plan_slide(path, annotation_xml, cfg)
+    with open_slide(path) as slide:
+        plan = plan_slide(path, annotation_xml, cfg, slide=slide)
+        arrays = _read_all(plan, cfg, slide)
+    return arrays, slide_summary(plan, path, time.time() - t0)
+
+
+def _read_all(plan: SlidePlan, cfg: ExtractConfig, slide) -> dict[str, np.ndarray]:
     n, P = len(plan.coords), cfg.patch_size
     out = {"images": np.empty((n, P, P, 3), np.uint8), "labels": plan.labels, "coords": plan.coords,
            "tissue": plan.tissue, "tumor": plan.tumor}
     if cfg.save_masks:
         out["masks"] = np.empty((n, P, P), np.uint8)
-    for s, imgs, masks in read_patches(plan, cfg):
+    for s, imgs, masks in read_patches(plan, cfg, slide=slide):
         out["images"][s:s + len(imgs)] = imgs
         if masks is not None:
             out["masks"][s:s + len(imgs)] = masks
-    return out, slide_summary(plan, path, time.time() - t0)
+    return out
 
 
 def iter_tissue_tiles(slide_path: str | os.PathLike, size: int = 256, mpp: float | None = None,
@@ -263,24 +269,27 @@ def iter_tissue_tiles(slide_path: str | os.PathLike, size: int = 256, mpp: float
     """
     cfg = ExtractConfig(patch_size=size, mpp=mpp, level=level, tissue_threshold=tissue_threshold,
                         stride=stride, overlays=False)
-    plan = plan_slide(slide_path, None, cfg)
-    for m in plan.warnings:
-        warnings.warn(m, stacklevel=2)
-    if shuffle:
-        order = np.random.default_rng(seed).permutation(len(plan.coords))
-        plan.coords, plan.labels = plan.coords[order], plan.labels[order]
-    for _, imgs, _ in read_patches(plan, cfg, batch=16):
-        yield from imgs
+    with open_slide(slide_path) as slide:
+        plan = plan_slide(slide_path, None, cfg, slide=slide)
+        for m in plan.warnings:
+            warnings.warn(m, stacklevel=2)
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(plan.coords))
+            plan.coords, plan.labels = plan.coords[order], plan.labels[order]
+        for _, imgs, _ in read_patches(plan, cfg, batch=16, slide=slide):
+            yield from imgs
 
 
 def _process_slide(path: str, xml: str | None, cfg: ExtractConfig, writer: StoreWriter, slide_index: int,
                    overlay_path: str | None, progress: bool = False) -> dict:
     """Plan, read and append one slide to `writer`; never raises for a bad slide (returns a failure)."""
     t0 = time.time()
+    slide = None
     try:
-        plan = plan_slide(path, xml, cfg)
+        slide = open_slide(path)  # one handle for thumbnail and patches
+        plan = plan_slide(path, xml, cfg, slide=slide)
         bar = tqdm(total=len(plan.coords), desc=plan.name, unit="patch", leave=False, disable=not progress)
-        for _, imgs, masks in read_patches(plan, cfg):
+        for _, imgs, masks in read_patches(plan, cfg, slide=slide):
             writer.append(imgs, masks)
             bar.update(len(imgs))
         bar.close()
@@ -288,12 +297,25 @@ def _process_slide(path: str, xml: str | None, cfg: ExtractConfig, writer: Store
     except (ValueError, openslide.OpenSlideError) as e:  # SlideError, PatchTooLargeError, AnnotationError, ...
         writer.rollback()
         return slide_summary(None, path, time.time() - t0, error=str(e))
+    finally:
+        if slide is not None:
+            slide.close()
     overlay = None
     if overlay_path:
         from .overlay import save_overlay
 
         overlay = str(save_overlay(plan, cfg, overlay_path))
     return slide_summary(plan, path, time.time() - t0, overlay=overlay)
+
+
+def _pool_context() -> mp.context.BaseContext:
+    """"forkserver" (POSIX) with this module preloaded: each worker is forked from a clean server that
+    never opened a slide or an HDF5 file, and the heavy imports happen once; "spawn" elsewhere."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
 
 
 def _worker(path: str, xml: str | None, cfg: ExtractConfig, part: str, overlay_path: str | None) -> dict:
@@ -329,37 +351,41 @@ def extract_patches(slides: list[str | os.PathLike] | None = None, annotations_d
     ovs = [str(ov_dir / f"{n}.png") if cfg.overlays else None for n in names]
     tmp = out.with_name(out.name + ".tmp")
     summary: list[dict] = []
-    with StoreWriter(tmp, cfg.patch_size, cfg.save_masks, cfg.compression) as writer:
-        if workers == 1:
-            for i, (p, x, o) in enumerate(tqdm(list(zip(slides, xmls, ovs, strict=True)), desc="slides",
-                                               unit="slide", disable=len(slides) == 1)):
-                summary.append(_process_slide(str(p), x, cfg, writer, i, o, progress=True))
-        else:
-            parts_dir = out.with_name(out.name + ".parts")
-            parts_dir.mkdir(parents=True, exist_ok=True)
-            parts = [parts_dir / f"{i:05d}_{n}.h5" for i, n in enumerate(names)]
-            results: dict[int, dict] = {}
-            try:
-                with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                    futs = {pool.submit(_worker, str(p), x, cfg, str(pt), o): i
-                            for i, (p, x, pt, o) in enumerate(zip(slides, xmls, parts, ovs, strict=True))}
-                    for f in tqdm(cf.as_completed(futs), total=len(futs), desc="slides", unit="slide"):
-                        i = futs[f]
-                        try:
-                            results[i] = f.result()
-                        except Exception as e:  # a crashed worker (e.g. a segfault inside a codec)
-                            results[i] = slide_summary(None, slides[i], 0.0,
-                                                       error=f"{slides[i]}: worker failed ({type(e).__name__}: {e})")
-                for i in range(len(slides)):
-                    if results[i]["status"] == "ok":
-                        writer.merge(parts[i], slide_index=i)
-                    summary.append(results[i])
-            finally:
-                shutil.rmtree(parts_dir, ignore_errors=True)
-        for s in summary:
-            for m in s.get("warnings", []):
-                warnings.warn(m, stacklevel=2)
-        writer.finish(names, store_attrs(cfg, summary))
+    try:
+        with StoreWriter(tmp, cfg.patch_size, cfg.save_masks, cfg.compression) as writer:
+            if workers == 1:
+                for i, (p, x, o) in enumerate(tqdm(list(zip(slides, xmls, ovs, strict=True)), desc="slides",
+                                                   unit="slide", disable=len(slides) == 1)):
+                    summary.append(_process_slide(str(p), x, cfg, writer, i, o, progress=True))
+            else:
+                parts_dir = out.with_name(out.name + ".parts")
+                parts_dir.mkdir(parents=True, exist_ok=True)
+                parts = [parts_dir / f"{i:05d}_{n}.h5" for i, n in enumerate(names)]
+                results: dict[int, dict] = {}
+                try:
+                    with cf.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+                        futs = {pool.submit(_worker, str(p), x, cfg, str(pt), o): i
+                                for i, (p, x, pt, o) in enumerate(zip(slides, xmls, parts, ovs, strict=True))}
+                        for f in tqdm(cf.as_completed(futs), total=len(futs), desc="slides", unit="slide"):
+                            i = futs[f]
+                            try:
+                                results[i] = f.result()
+                            except Exception as e:  # a crashed worker (e.g. a segfault inside a codec)
+                                results[i] = slide_summary(None, slides[i], 0.0,
+                                                           error=f"{slides[i]}: worker failed ({type(e).__name__}: {e})")
+                    for i in range(len(slides)):
+                        if results[i]["status"] == "ok":
+                            writer.merge(parts[i], slide_index=i)
+                        summary.append(results[i])
+                finally:
+                    shutil.rmtree(parts_dir, ignore_errors=True)
+            for s in summary:
+                for m in s.get("warnings", []):
+                    warnings.warn(m, stacklevel=2)
+            writer.finish(names, store_attrs(cfg, summary))
+    except BaseException:  # keep no half-written store behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     return summary
 

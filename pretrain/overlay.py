@@ -8,25 +8,30 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from .utils import atomic_path
 
-TISSUE_RGBA = (0, 200, 0, 70)
+TISSUE_RGBA = (0, 200, 0, 50)
+TISSUE_EDGE = (0, 170, 0, 255)
 NORMAL_RGBA = (255, 215, 0, 200)
 TUMOR_RGBA = (255, 0, 0, 110)
 OUTLINE = {"tumor": (220, 0, 0, 255), "exclusion": (0, 90, 255, 255), "other": (160, 0, 160, 255)}
 
 
 def render_overlay(plan: Any, cfg: Any, min_side: int = 1024) -> Image.Image:
-    """Thumbnail with tissue tinted green, normal patches outlined yellow, tumor patches filled red,
+    """Thumbnail with tissue tinted and outlined green, normal patches outlined yellow, tumor patches filled red,
     tumor outlines red and exclusion outlines blue; a caption with the counts on top."""
     h, w = plan.mask.shape
     zoom = max(1.0, min_side / max(h, w))
     W, H = round(w * zoom), round(h * zoom)
     base = Image.fromarray(plan.thumb).convert("RGBA").resize((W, H), Image.Resampling.BILINEAR)
-    tint = np.zeros((h, w, 4), np.uint8)
-    tint[plan.mask] = TISSUE_RGBA
-    base = Image.alpha_composite(base, Image.fromarray(tint, "RGBA").resize((W, H), Image.Resampling.NEAREST))
+    mask = np.asarray(Image.fromarray(plan.mask.astype(np.uint8) * 255).resize((W, H), Image.Resampling.NEAREST)) > 0
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    tint = np.zeros((H, W, 4), np.uint8)
+    tint[mask] = TISSUE_RGBA
+    tint[edge] = TISSUE_EDGE
+    base = Image.alpha_composite(base, Image.fromarray(tint, "RGBA"))
     layer = Image.new("RGBA", (W, H), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
     w0, h0 = plan.thumb.shape[1] * plan.scale[0], plan.thumb.shape[0] * plan.scale[1]

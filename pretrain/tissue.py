@@ -3,7 +3,7 @@
 H&E-stained tissue is coloured (saturated); glass, background and most dust are grey. Otsu's
 threshold on the saturation channel separates the two; a floor on the threshold keeps a blank
 slide (only noise) from being split in half, and components smaller than a minimum area are
-dropped (dust, debris), holes inside tissue are kept as tissue.
+dropped (dust, debris); holes smaller than that area are filled, larger ones (lumens) are not.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def tissue_mask(rgb: np.ndarray, min_area: int = 16, min_saturation: int = MIN_S
 
     Args:
         rgb: uint8 (H, W, 3) thumbnail.
-        min_area: connected components smaller than this many thumbnail pixels are dropped.
+        min_area: connected components smaller than this many thumbnail pixels are dropped, and
+            holes smaller than it are filled (when `fill_holes`).
         min_saturation: lower bound on the Otsu threshold (0-255).
     Returns:
         (mask bool (H, W), saturation threshold used).
@@ -60,8 +61,13 @@ def tissue_mask(rgb: np.ndarray, min_area: int = 16, min_saturation: int = MIN_S
     thr = max(otsu_threshold(sat), int(min_saturation))
     mask = (sat >= thr) & (rgb.max(-1) > MAX_DARKNESS)
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=1, border_value=0)
-    if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+    if fill_holes:  # small gaps inside tissue count as tissue; large lumens and vessels do not
+        holes = ndimage.binary_fill_holes(mask) & ~mask
+        lab, n = ndimage.label(holes)
+        if n:
+            small = np.bincount(lab.reshape(-1)) < max(min_area, 2)
+            small[0] = False
+            mask = mask | small[lab]
     if min_area > 1 and mask.any():
         lab, n = ndimage.label(mask)
         sizes = np.bincount(lab.reshape(-1))

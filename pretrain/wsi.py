@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+from PIL import Image
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 #: µm/px outside this range is not a microscope scan (e.g. a TIFF's default 72 dpi = 352.8 µm/px).
@@ -69,15 +70,13 @@ def read_region_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level
         SlideError: OpenSlide fails to decode the region.
     """
     try:
-        rgba = np.asarray(slide.read_region(location, level, size))
+        im = slide.read_region(location, level, size)
     except (openslide.OpenSlideError, OSError) as e:
         raise SlideError(path or "slide", f"read_region at {location} level {level} failed ({e})") from e
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3]
-    if alpha.min() < 255:  # openslide-python returns straight (un-premultiplied) RGBA: blend onto white
-        a = alpha[..., None].astype(np.uint32)
-        rgb = ((rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb)
+    # PIL's C conversions: ~3x faster than slicing a (h, w, 4) array to 3 channels in numpy.
+    if im.getchannel("A").getextrema()[0] < 255:  # straight RGBA: blend onto white
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return np.asarray(im.convert("RGB"))
 
 
 def _mpp_with_reason(slide: openslide.OpenSlide) -> tuple[float | None, str]:

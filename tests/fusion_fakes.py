@@ -6,11 +6,14 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from fusion.data import CLASSES, WBCData
 from pretrain.autoencoder import AEConfig, ConvAutoencoder
-from pretrain.checkpoint import save_checkpoint
-from pretrain.resnet import Cam16ResNet, ResNetConfig
+from pretrain.checkpoint import register_kind, save_checkpoint
+
+TINY_CAM16 = "test_tiny_cam16"
 
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [40, 200, 200]])
 
@@ -34,17 +37,52 @@ def synthetic_wbc(n_per_class: int = 12, size: int = 16, seed: int = 0) -> WBCDa
     return WBCData(np.stack(images), np.array(labels, dtype=np.int64), ids, hashes, "/synthetic", size)
 
 
-def tiny_checkpoints(folder: Path, size: int = 16) -> dict[str, Path]:
-    """A tiny PRCC autoencoder (input `size`) and a ResNet18 CAM16 classifier (input 32) on disk."""
+class TinyEncoder(nn.Module):
+    """Stand-in for the CAM16 ResNet (a ResNet18 is too slow for unit tests): conv, pool, linear."""
+
+    def __init__(self, input_size: int = 32, out_dim: int = 12, nan: bool = False) -> None:
+        super().__init__()
+        self.input_size, self.out_dim, self.nan = input_size, out_dim, nan
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, out_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"TinyEncoder expects {self.input_size} px, got {x.shape[-1]}")
+        z = self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+        return z * float("nan") if self.nan else z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)
+
+
+@register_kind(TINY_CAM16, module="fusion_fakes")
+def _build_tiny(config: dict) -> TinyEncoder:
+    return TinyEncoder(**config)
+
+
+def use_tiny_cam16(monkeypatch) -> None:
+    """Make the `cam16` source expect the tiny stand-in kind for the duration of a test."""
+    import fusion.encoders
+
+    monkeypatch.setitem(fusion.encoders.SOURCE_KINDS, "cam16", TINY_CAM16)
+
+
+def tiny_checkpoints(folder: Path, size: int = 16, nan: bool = False) -> dict[str, Path]:
+    """A tiny PRCC autoencoder (input `size`) and a tiny CAM16 stand-in (input 32, kind TINY_CAM16).
+
+    `nan=True` makes the CAM16 stand-in return NaN features (a broken encoder -> NaN loss)."""
     folder.mkdir(parents=True, exist_ok=True)
     ae_cfg = AEConfig(input_size=size, base_width=4, depth=2, latent_channels=8)
     ae = ConvAutoencoder(ae_cfg)
     prcc = save_checkpoint(folder / "prcc.pt", kind="prcc_autoencoder", config=ae_cfg, model=ae,
                            input_spec=ae.input_spec())
-    rn_cfg = ResNetConfig(arch="resnet18", input_size=32)
-    rn = Cam16ResNet(rn_cfg)
-    cam16 = save_checkpoint(folder / "cam16.pt", kind="cam16_resnet", config=rn_cfg, model=rn,
-                            input_spec=rn.input_spec())
+    torch.manual_seed(0)
+    tiny = TinyEncoder(32, 12, nan)
+    cam16 = save_checkpoint(folder / ("cam16_nan.pt" if nan else "cam16.pt"), kind=TINY_CAM16,
+                            config={"input_size": 32, "out_dim": 12, "nan": nan}, model=tiny,
+                            input_spec={"size": 32, "channels": 3, "range": [0, 1]})
     return {"prcc": prcc, "cam16": cam16}
 
 

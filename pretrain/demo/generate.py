@@ -15,13 +15,14 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_path
+from ..utils import atomic_write_json
 from .prcc import write_prcc_regions
 from .slides import write_slide
 from .wbc import CLASSES, DEFAULT_COUNTS, SMALL_COUNTS, write_wbc_images
@@ -51,6 +52,36 @@ class DemoSpec:
         """The tiny set tests use (a few seconds)."""
         return cls(wbc_counts=dict(SMALL_COUNTS), prcc_count=6, prcc_size=160, slide_count=2,
                    slide_width=1024, slide_height=768)
+
+
+@dataclass
+class DemoConfig:
+    """Command-line config of `scripts/make_demo_data.py`."""
+
+    out: str = field(default="data/demo", metadata={"help": "target folder (git-ignored data/ by default)"})
+    seed: int = field(default=0, metadata={"help": "same seed -> same images"})
+    small: bool = field(default=False, metadata={"help": "the tiny test-sized set"})
+    force: bool = field(default=False, metadata={"help": "regenerate even if an identical set exists"})
+    wbc_size: int = field(default=128, metadata={"help": "edge of the WBC images in px (real PBC: ~360)"})
+    workers: int = field(default=0, metadata={"help": "processes; 0 = auto"})
+
+
+def make_demo_data(cfg: DemoConfig) -> dict[str, Path]:
+    """Run `ensure_demo_data` for a DemoConfig, printing what was done and where."""
+    spec = DemoSpec.small() if cfg.small else DemoSpec()
+    spec.wbc_size = cfg.wbc_size
+    t0 = time.perf_counter()
+    paths, generated = ensure_demo_data(cfg.out, seed=cfg.seed, small=cfg.small, force=cfg.force, spec=spec,
+                                        workers=cfg.workers)
+    if generated:
+        print(f"wrote demo data (seed {cfg.seed}{', small' if cfg.small else ''}) to {paths['root']} "
+              f"in {time.perf_counter() - t0:.1f} s")
+    else:
+        print(f"{paths['manifest']} already describes this demo set (seed {cfg.seed}, same sizes); "
+              f"kept it (pass --force to regenerate)")
+    for k in ("wbc", "prcc", "slides", "annotations", "manifest"):
+        print(f"  {k:12s} {paths[k]}")
+    return paths
 
 
 def demo_paths(out: str | os.PathLike) -> dict[str, Path]:
@@ -115,9 +146,7 @@ def generate_demo_data(out: str | os.PathLike, seed: int = 0, small: bool = Fals
         "cam16": {"slides": "cam16/slides", "annotations": "cam16/annotations", "slides_info": slides},
         "note": "synthetic demo data: exercises the pipeline, its numbers are not science",
     }
-    with atomic_path(paths["manifest"]) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.chmod(tmp, 0o644)
+    atomic_write_json(paths["manifest"], manifest)
     return paths
 
 

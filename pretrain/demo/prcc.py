@@ -6,7 +6,6 @@ lined by a band of epithelial cells with crowded ovoid purple nuclei, floating i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -84,5 +83,4 @@ def write_prcc_regions(out: Path, seed_key: tuple[int, ...], indices: list[int],
         rgb = render_region(np.random.default_rng([*seed_key, i]), size)
         with atomic_path(out / f"region_{i}.png") as tmp:
             Image.fromarray(rgb).save(tmp, format="PNG")
-            os.chmod(tmp, 0o644)
     return len(indices)

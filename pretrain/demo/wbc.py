@@ -14,7 +14,6 @@ All lengths below are in units of the image half-width, so `size` only changes t
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +176,6 @@ def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 92) -> None:
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
-        os.chmod(tmp, 0o644)
 
 
 def write_wbc_images(out: Path, seed_key: tuple[int, ...], items: list[tuple[str, int]], size: int = 128) -> int:

@@ -1,0 +1,146 @@
+"""Extraction speed: the whole pipeline versus raw OpenSlide `read_region` for the same patches.
+
+    python benchmarks/extraction_speed/run.py            # ~2-4 min on a 2-core laptop
+
+For each slide, one run alternates (repeats times): (a) raw: open the slide and call
+`read_region` for exactly the patches the pipeline keeps (same level, size, coordinates), nothing
+else; (b) pipeline: `extract_patches` on that slide with one worker, timed end to end (open,
+thumbnail, tissue mask, grid, labels, reads, RGBA->RGB, HDF5 write, rename; overlay on/off).
+Median patches/s are reported. Then scaling: several slides with 1, 2 (and more, if the machine has
+the cores) worker processes. Slides: the real ones in ../shared/data/wsi when present, plus a
+full-size synthetic slide (4096 x 3072, 3 levels, written with the demo's TIFF writer) in a temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from pretrain.extract import ExtractConfig, _pool_context, extract_patches, plan_slide  # noqa: E402
+from pretrain.wsi import open_slide  # noqa: E402
+
+SHARED = Path(os.environ.get("WBC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def raw_reads(path: Path, coords: np.ndarray, level: int, size: int) -> float:
+    """Seconds for bare read_region calls (slide opened fresh, as the pipeline does)."""
+    t = time.perf_counter()
+    s = open_slide(path)
+    for x, y in coords:
+        s.read_region((int(x), int(y)), level, (size, size))
+    s.close()
+    return time.perf_counter() - t
+
+
+def pipeline(paths: list[Path], cfg: ExtractConfig, out: Path, workers: int = 1) -> tuple[float, int]:
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = extract_patches(paths, None, out, cfg, workers=workers)
+    return time.perf_counter() - t, sum(s["patches"] for s in summary)
+
+
+def demo_slide(folder: Path, width: int = 4096, height: int = 3072) -> Path:
+    """A full-size synthetic slide: textured pink/purple tissue blobs on glass, 3 levels, 256 px zlib tiles."""
+    from scipy import ndimage
+
+    from pretrain.demo.formats import write_pyramidal_tiff
+
+    rng = np.random.default_rng(0)
+    blobs = ndimage.zoom(rng.standard_normal((height // 128, width // 128)), 128, order=1)[:height, :width]
+    tissue = blobs > -0.3
+    tex = rng.integers(-25, 26, (height, width, 3))
+    rgb = np.where(tissue[..., None], np.array([215, 140, 185]) + tex, np.array([242, 242, 242]) + tex // 8)
+    return write_pyramidal_tiff(folder / "demo_slide.tif", np.clip(rgb, 0, 255).astype(np.uint8), levels=3,
+                                tile=256, mpp=0.5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--patch-size", type=int, default=256)
+    ap.add_argument("--stride", type=int, default=128, help="overlapping grid: more patches per slide")
+    ap.add_argument("--scaling-stride", type=int, default=64, help="denser grid for the scaling runs")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="extract_bench_"))
+    slides = [SHARED / "wsi" / n for n in ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs")
+              if (SHARED / "wsi" / n).is_file()]
+    if not slides:
+        print(f"(real slides not found under {SHARED / 'wsi'}; demo slide only)")
+    slides.append(demo_slide(tmp / "demo"))
+    la = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    print(f"machine: {os.cpu_count()} CPUs, load average {la[0]:.2f} at start; patch {args.patch_size} px, "
+          f"stride {args.stride} px, level 0, {args.repeats} repeats (median)\n")
+
+    print(f"{'slide':<26} {'patches':>7} {'raw p/s':>8} {'pipe p/s':>8} {'ratio':>6} {'no-overlay':>10} "
+          f"{'ratio':>6} {'lzf p/s':>8}")
+    for path in slides:
+        cfg = ExtractConfig(patch_size=args.patch_size, stride=args.stride, overlays=True)
+        plan = plan_slide(path, None, cfg)
+        n = len(plan.coords)
+        raw, full, bare, lzf = [], [], [], []
+        for r in range(args.repeats + 1):  # first round warms the page cache, not counted
+            t_raw = raw_reads(path, plan.coords, plan.level, plan.read_size)
+            t_full, _ = pipeline([path], cfg, tmp / "p.h5")
+            t_bare, _ = pipeline([path], ExtractConfig(patch_size=args.patch_size, stride=args.stride,
+                                                       overlays=False), tmp / "p.h5")
+            t_lzf, _ = pipeline([path], ExtractConfig(patch_size=args.patch_size, stride=args.stride,
+                                                      overlays=False, compression="lzf"), tmp / "p.h5")
+            if r:
+                raw.append(n / t_raw)
+                full.append(n / t_full)
+                bare.append(n / t_bare)
+                lzf.append(n / t_lzf)
+        m = statistics.median
+        print(f"{path.name[:26]:<26} {n:>7} {m(raw):>8.0f} {m(full):>8.0f} {m(full) / m(raw):>6.0%} "
+              f"{m(bare):>10.0f} {m(bare) / m(raw):>6.0%} {m(lzf):>8.0f}")
+    sizes = {c: (tmp / f"{c}.h5") for c in ("none", "lzf")}
+    for c, p in sizes.items():
+        pipeline([slides[-1]], ExtractConfig(patch_size=args.patch_size, stride=args.stride, overlays=False,
+                                             compression=c), p)
+    print("store size for the demo slide: " + ", ".join(f"{c} {p.stat().st_size / 2**20:.1f} MiB"
+                                                          for c, p in sizes.items()))
+
+    # Scaling: 4 slides (symlinked copies, distinct names) processed by 1, 2, ... worker processes.
+    src = slides[-1]
+    many = []
+    for i in range(4):
+        link = tmp / "many" / f"copy_{i}{src.suffix}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(src)
+        many.append(link)
+    cfg = ExtractConfig(patch_size=args.patch_size, stride=args.scaling_stride, overlays=False)
+    print(f"\nscaling: {len(many)} slides x {len(plan_slide(src, None, cfg).coords)} patches ({src.name}), "
+          f"no overlays")
+    t = time.perf_counter()
+    with cf.ProcessPoolExecutor(2, mp_context=_pool_context()) as pool:
+        list(pool.map(abs, [1, 2]))
+    print(f"(starting 2 worker processes, which import pretrain and torch: {time.perf_counter() - t:.1f} s, "
+          f"included below)")
+    print(f"{'workers':>7} {'seconds':>8} {'patches/s':>9} {'speedup':>7}")
+    base = None
+    for w in [1, 2, 4][: 1 + max(1, min(2, (os.cpu_count() or 1) // 2))]:
+        times = []
+        for _ in range(max(1, args.repeats - 1)):
+            t, n = pipeline(many, cfg, tmp / f"w{w}.h5", workers=w)
+            times.append(t)
+        t = statistics.median(times)
+        base = base or t
+        print(f"{w:>7} {t:>8.2f} {n / t:>9.0f} {base / t:>6.2f}x")
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""One fusion run: outputs, determinism, frozen encoders, resume/overwrite, NaN loss, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fusion_fakes import synthetic_wbc, tiny_checkpoints, use_tiny_cam16
+
+from fusion.encoders import load_arm_encoders
+from fusion.models import CNNConfig, FusionModel, SmallCNN
+from fusion.train import RunConfig, _Feeder, plan_steps, train_run
+from pretrain.checkpoint import build_model, load_checkpoint
+from pretrain.engine import train_one_epoch
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"ckpt": tiny_checkpoints(root / "ck"), "nan": tiny_checkpoints(root / "nan", nan=True),
+            "data": synthetic_wbc(10, 16), "root": root}
+
+
+@pytest.fixture
+def env(files, monkeypatch):
+    use_tiny_cam16(monkeypatch)
+    return files
+
+
+def _cfg(env, tmp_path, **kw) -> RunConfig:
+    base = dict(data="unused", split=str(env["root"] / "split.json"), val=0.2, test=0.2, image_size=16,
+                cnn_channels=[8, 16], epochs=2, min_steps=4, max_steps=0, batch_size=16, early_stop=0,
+                prcc_checkpoint=str(env["ckpt"]["prcc"]), cam16_checkpoint=str(env["ckpt"]["cam16"]),
+                out=str(tmp_path / "run"), progress=False, device="cpu", curves=False)
+    return RunConfig(**{**base, **kw})
+
+
+def test_run_writes_everything_and_reloads(env, tmp_path):
+    cfg = _cfg(env, tmp_path, arm="prcc+cam16", mode="gated", curves=True)
+    r = train_run(cfg, data=env["data"])
+    assert r["status"] == "ok"
+    run = tmp_path / "run"
+    for name in ("config.yaml", "log.jsonl", "curves.png", "metrics.json", "best.pt"):
+        assert (run / name).is_file(), name
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and {"train_loss", "val_loss", "train_acc", "val_acc", "val_macro_f1"} <= set(log[0])
+    assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
+    assert set(r["per_class"]) == {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+    assert abs(sum(r["gate_weights"].values()) - 1) < 1e-5
+    assert json.loads((run / "metrics.json").read_text())["macro_f1"] == r["macro_f1"]
+    model = build_model(load_checkpoint(run / "best.pt", kind="wbc_fusion"))
+    assert isinstance(model, FusionModel) and model.sources == ["cam16", "prcc"]
+    assert model.eval()(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_same_seed_same_metrics_and_resume(env, tmp_path):
+    a = train_run(_cfg(env, tmp_path, arm="random", out=str(tmp_path / "a")), data=env["data"])
+    b = train_run(_cfg(env, tmp_path, arm="random", out=str(tmp_path / "b")), data=env["data"])
+    for k in ("accuracy", "macro_f1", "val_macro_f1", "confusion", "best_epoch"):
+        assert a[k] == b[k], k
+    # an existing finished folder is not trained again; overwrite retrains it
+    log = tmp_path / "a" / "log.jsonl"
+    stamp = log.stat().st_mtime_ns
+    again = train_run(_cfg(env, tmp_path, arm="random", out=str(tmp_path / "a")), data=env["data"])
+    assert again == json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert log.stat().st_mtime_ns == stamp
+    redo = train_run(_cfg(env, tmp_path, arm="random", out=str(tmp_path / "a"), overwrite=True), data=env["data"])
+    assert redo["macro_f1"] == a["macro_f1"] and log.stat().st_mtime_ns != stamp
+
+
+def test_encoder_weights_identical_after_fusion_training(env):
+    """Online mode (encoders run on every augmented batch): weights and BN statistics unchanged."""
+    encoders = load_arm_encoders("prcc+cam16", env["ckpt"], image_size=16)
+    before = {s: {k: v.clone() for k, v in e.state_dict().items()} for s, e in encoders.items()}
+    model = FusionModel(SmallCNN(CNNConfig(channels=[8, 16], input_size=16)), encoders, "sum")
+    data = env["data"]
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
+    from fusion.augment import AugConfig
+
+    feeder = _Feeder(images, torch.from_numpy(data.labels), {}, AugConfig(), torch.Generator().manual_seed(0),
+                     None, 0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = [torch.randperm(len(images))[:16] for _ in range(3)]
+    train_one_epoch(model, batches, feeder.step, opt, torch.device("cpu"), progress=False)
+    for s, e in encoders.items():
+        assert not e.training
+        for k, v in e.state_dict().items():
+            assert torch.equal(v, before[s][k]), f"{s}.{k} changed"
+    for k, v in load_checkpoint(env["ckpt"]["prcc"])["model"].items():
+        assert torch.equal(encoders["prcc"].state_dict()[k], v)
+
+
+def test_online_features_mode_trains(env, tmp_path):
+    r = train_run(_cfg(env, tmp_path, arm="prcc", mode="concat", encoder_features="online", epochs=1),
+                  data=env["data"])
+    assert r["status"] == "ok" and r["encoder_features"] == "online"
+
+
+def test_nan_loss_marks_run_failed(env, tmp_path):
+    cfg = _cfg(env, tmp_path, arm="cam16", cam16_checkpoint=str(env["nan"]["cam16"]))
+    r = train_run(cfg, data=env["data"])
+    assert r["status"] == "failed" and "non-finite" in r["reason"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_bad_inputs(env, tmp_path):
+    with pytest.raises(ValueError, match="valid arms"):
+        _cfg(env, tmp_path, arm="imagenet")
+    with pytest.raises(ValueError, match="valid modes"):
+        _cfg(env, tmp_path, mode="mean")
+    from pretrain.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="prcc_checkpoint"):
+        train_run(_cfg(env, tmp_path, arm="prcc", prcc_checkpoint=str(env["ckpt"]["cam16"])), data=env["data"])
+    with pytest.raises(ValueError, match=r"expects 32x32 images but the WBC images are 16x16"):
+        train_run(_cfg(env, tmp_path, arm="cam16", encoder_resize=False), data=env["data"])
+
+
+def test_plan_steps_gives_small_fractions_enough_steps():
+    cfg = RunConfig(epochs=20, min_steps=400, max_steps=1000, batch_size=64)
+    bs, steps, epochs = plan_steps(57, cfg)
+    assert bs == 57 and steps * epochs >= 400
+    bs, steps, epochs = plan_steps(5700, cfg)
+    assert steps == 90 and epochs == 12  # capped near max_steps
