@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .annotations import SlideAnnotations, check_within_slide, parse_asap_xml, rasterize
 from .store import StoreWriter, format_summary, store_attrs
 from .tissue import box_fractions, slide_thumbnail, tissue_mask
+from .utils import atomic_write_json
 from .wsi import SlideError, choose_level, find_slides, open_slide, read_region_rgb, slide_mpp
 
 
@@ -280,6 +281,15 @@ def iter_tissue_tiles(slide_path: str | os.PathLike, size: int = 256, mpp: float
             yield from imgs
 
 
+def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
+    """Run `it` one item ahead in a thread: OpenSlide decodes (GIL released) while HDF5 writes."""
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(next, it, None)
+        while (item := fut.result()) is not None:
+            fut = ex.submit(next, it, None)
+            yield item
+
+
 def _process_slide(path: str, xml: str | None, cfg: ExtractConfig, writer: StoreWriter, slide_index: int,
                    overlay_path: str | None, progress: bool = False) -> dict:
     """Plan, read and append one slide to `writer`; never raises for a bad slide (returns a failure)."""
@@ -289,7 +299,7 @@ def _process_slide(path: str, xml: str | None, cfg: ExtractConfig, writer: Store
         slide = open_slide(path)  # one handle for thumbnail and patches
         plan = plan_slide(path, xml, cfg, slide=slide)
         bar = tqdm(total=len(plan.coords), desc=plan.name, unit="patch", leave=False, disable=not progress)
-        for _, imgs, masks in read_patches(plan, cfg, slide=slide):
+        for _, imgs, masks in _prefetch(read_patches(plan, cfg, slide=slide)):
             writer.append(imgs, masks)
             bar.update(len(imgs))
         bar.close()
@@ -329,6 +339,7 @@ def extract_patches(slides: list[str | os.PathLike] | None = None, annotations_d
     """Extract every slide into one HDF5 store; returns the per-slide summary (failures included).
 
     Arguments left None come from `cfg`. The store is written as `<out>.tmp` and renamed at the end;
+    the summary also goes to `<out stem>_summary.json`, overlays to `<out stem>_overlays/<slide>.png`;
     per-slide warnings are re-emitted here. Raises only for problems with the whole job (no
     slides, duplicate slide names, a missing annotations folder).
     """
@@ -387,6 +398,7 @@ def extract_patches(slides: list[str | os.PathLike] | None = None, annotations_d
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out)
+    atomic_write_json(out.with_name(out.stem + "_summary.json"), summary)
     return summary
 
 

@@ -231,8 +231,11 @@ class PCamDataset(PatchDataset):
             raise ValueError(f"{x_path}: dataset 'x' has shape {shape}; expected (N, 96, 96, 3)")
         if shape[0] != len(self.labels):
             raise ValueError(f"{x_path} has {shape[0]} images but {y_path} has {len(self.labels)} labels")
-        # PCam carries no slide ids; the split name stands in for one.
+        # PCam carries no slide ids; the split name stands in for one (its splits are slide-disjoint).
         self.slide_ids = np.full(len(self.labels), f"pcam-{split}")
+        warnings.warn(f"{x_path}: PatchCamelyon has no slide ids; all {len(self.labels)} patches of the "
+                      f"{split} split get slide id 'pcam-{split}' (keep PCam's own splits for train/val/test)",
+                      stacklevel=3)
         self.patch_size = int(shape[1])
         self.split = split
         self.source = f"PatchCamelyon {split} {self.x_path}"

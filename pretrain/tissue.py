@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import openslide
+from PIL import Image, ImageFilter
 from scipy import ndimage
 
 #: Saturation (0-255) below which nothing counts as tissue, whatever Otsu says.
@@ -19,11 +20,8 @@ MAX_DARKNESS = 30
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation of uint8 (H, W, 3) -> uint8 (H, W), 0 for grey pixels."""
-    x = rgb.astype(np.int16)
-    mx, mn = x.max(-1), x.min(-1)
-    s = np.where(mx > 0, (mx - mn) * 255 // np.maximum(mx, 1), 0)
-    return s.astype(np.uint8)
+    """HSV saturation of uint8 (H, W, 3) -> uint8 (H, W): 255 * (max - min) / max, 0 for grey pixels."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., :3])).convert("HSV").getchannel("S"))
 
 
 def otsu_threshold(values: np.ndarray) -> int:
@@ -56,10 +54,10 @@ def tissue_mask(rgb: np.ndarray, min_area: int = 16, min_saturation: int = MIN_S
     """
     if rgb.ndim != 3 or rgb.shape[-1] < 3:
         raise ValueError(f"tissue_mask expects an (H, W, 3) RGB thumbnail, got shape {rgb.shape}")
-    rgb = rgb[..., :3]
-    sat = ndimage.median_filter(saturation(rgb), size=3)
+    hsv = Image.fromarray(np.ascontiguousarray(rgb[..., :3])).convert("HSV")  # PIL: C speed
+    sat = np.asarray(hsv.getchannel("S").filter(ImageFilter.MedianFilter(3)))
     thr = max(otsu_threshold(sat), int(min_saturation))
-    mask = (sat >= thr) & (rgb.max(-1) > MAX_DARKNESS)
+    mask = (sat >= thr) & (np.asarray(hsv.getchannel("V")) > MAX_DARKNESS)
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=1, border_value=0)
     if fill_holes:  # small gaps inside tissue count as tissue; large lumens and vessels do not
         holes = ndimage.binary_fill_holes(mask) & ~mask
@@ -77,8 +75,13 @@ def tissue_mask(rgb: np.ndarray, min_area: int = 16, min_saturation: int = MIN_S
     return mask, thr
 
 
-def slide_thumbnail(slide: openslide.OpenSlide, max_size: int = 2048) -> tuple[np.ndarray, float, float]:
+def slide_thumbnail(slide: openslide.OpenSlide, max_size: int = 2048, use_associated: bool = True,
+                    ) -> tuple[np.ndarray, float, float]:
     """RGB thumbnail of at most `max_size` px on the long side (never upsampled).
+
+    When the pyramid has no level near the thumbnail size (a 1-level slide would be decoded whole),
+    the slide's own associated "thumbnail" image is used instead if it is at least as large and has
+    the same aspect ratio (within 0.5%), as Aperio files have.
 
     Returns:
         (uint8 (h, w, 3), sx, sy): level-0 pixels per thumbnail pixel along x and y.
@@ -86,7 +89,12 @@ def slide_thumbnail(slide: openslide.OpenSlide, max_size: int = 2048) -> tuple[n
     w0, h0 = slide.dimensions
     scale = max(1.0, max(w0, h0) / max_size)
     size = (max(1, round(w0 / scale)), max(1, round(h0 / scale)))
-    thumb = slide.get_thumbnail(size).convert("RGB")  # composited onto the slide's background colour
+    lw, lh = slide.level_dimensions[slide.get_best_level_for_downsample(scale)]
+    assoc = slide.associated_images.get("thumbnail") if use_associated and lw * lh > 16 * size[0] * size[1] else None
+    if assoc is not None and assoc.width >= size[0] and abs(assoc.width / assoc.height / (w0 / h0) - 1) < 0.005:
+        thumb = assoc.convert("RGB").resize(size, Image.Resampling.BOX)
+    else:
+        thumb = slide.get_thumbnail(size).convert("RGB")  # composited onto the slide's background colour
     arr = np.asarray(thumb)
     return arr, w0 / arr.shape[1], h0 / arr.shape[0]
 

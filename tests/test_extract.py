@@ -97,6 +97,7 @@ def test_store_round_trip_and_attrs(tmp_path):
     assert ds[0][0].shape == (64, 64, 3) and ds.read_mask(int(np.argmax(ds.labels))).all()
     assert (tmp_path / "p_overlays" / "slide_a.png").is_file()
     assert summary[0]["annotations"] == str(xa)
+    assert json.loads((tmp_path / "p_summary.json").read_text())[1]["slide"] == "slide_b"
 
 
 def test_bad_slides_do_not_stop_the_others(tmp_path, capsys):

@@ -93,11 +93,13 @@ def test_lazy_hdf5_with_two_dataloader_workers(tmp_path):
     np.testing.assert_array_equal(torch.cat(ys).numpy(), labels)
 
 
+@pytest.mark.filterwarnings("ignore:.*PatchCamelyon has no slide ids")
 def test_pcam_file_and_folder(tmp_path):
     x, y = _write_pcam(tmp_path, "valid")
     for p in (tmp_path / "camelyonpatch_level_2_split_valid_x.h5", tmp_path / "camelyonpatch_level_2_split_valid_y.h5",
               tmp_path):
-        ds = open_patch_dataset(p)
+        with pytest.warns(UserWarning, match="PatchCamelyon has no slide ids"):
+            ds = open_patch_dataset(p)
         assert isinstance(ds, PCamDataset) and len(ds) == 5 and ds.patch_size == 96
         np.testing.assert_array_equal(ds.labels, y)
         assert set(ds.slide_ids) == {"pcam-valid"}
@@ -116,6 +118,7 @@ def test_pcam_missing_label_file(tmp_path):
         open_patch_dataset(tmp_path / "camelyonpatch_level_2_split_valid_x.h5")
 
 
+@pytest.mark.filterwarnings("ignore:.*PatchCamelyon has no slide ids")
 def test_missing_datasets_error_lists_contents(tmp_path):
     p = tmp_path / "other.h5"
     with h5py.File(p, "w") as f:

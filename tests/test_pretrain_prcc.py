@@ -120,8 +120,12 @@ def test_mostly_bad_files_is_an_error(tmp_path):
 def test_images_smaller_than_crop(tmp_path):
     data = _images(tmp_path / "data", n=4, size=40)
     _images(tmp_path / "data" / "small", n=2, size=8, seed=1)
-    with pytest.warns(UserWarning, match="smaller than the 16 px crop"):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
         m = fit_prcc(_cfg(tmp_path, data))
+    msgs = [str(x.message) for x in w]
+    assert any("img_0.png" in s and "smaller than the 16 px crop" in s for s in msgs)
+    assert any("skipped 2 images" in s for s in msgs)
     assert m["n_images"] == 4
     only_small = _images(tmp_path / "small_only", n=3, size=8)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="smaller than the requested crop of 16 px"):

@@ -32,9 +32,8 @@ class SlideTruth:
 
 def _polygon(rng: np.random.Generator, cx: float, cy: float, r: float, k: int = 28) -> np.ndarray:
     """Irregular star-shaped polygon around (cx, cy) with mean radius r: (k, 2) float64 x, y."""
-    th = np.sort(rng.uniform(0, 2 * np.pi, k))
-    th = np.linspace(0, 2 * np.pi, k, endpoint=False) * 0.6 + th * 0.4  # not too uneven
-    th.sort()
+    # angles stay increasing and radii positive, so the polygon is simple (never self-intersecting)
+    th = (np.arange(k) + rng.uniform(-0.4, 0.4, k)) * (2 * np.pi / k)
     harm = sum(rng.uniform(0, 0.25 / j) * np.cos(j * th + rng.uniform(0, 2 * np.pi)) for j in range(2, 6))
     rr = r * (1 + harm + rng.uniform(-0.05, 0.05, k))
     xy = np.stack([cx + rr * np.cos(th), cy + rr * np.sin(th)], 1)

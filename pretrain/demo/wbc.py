@@ -29,7 +29,7 @@ SMALL_COUNTS = {"neutrophil": 20, "eosinophil": 18, "monocyte": 10, "lymphocyte"
 
 # mean cell radius (half-widths) and RGB colours (0..255) per class
 CELL_RADIUS = {"neutrophil": 0.40, "eosinophil": 0.42, "basophil": 0.36, "lymphocyte": 0.27, "monocyte": 0.52}
-CYTOPLASM = {"neutrophil": (222, 196, 214), "eosinophil": (236, 186, 160), "basophil": (196, 168, 212),
+CYTOPLASM = {"neutrophil": (222, 196, 214), "eosinophil": (236, 186, 160), "basophil": (172, 136, 196),
              "lymphocyte": (168, 192, 232), "monocyte": (190, 188, 214)}
 NUCLEUS = {"neutrophil": (96, 50, 140), "eosinophil": (104, 58, 140), "basophil": (80, 40, 120),
            "lymphocyte": (72, 38, 120), "monocyte": (138, 100, 172)}
@@ -154,8 +154,8 @@ def render_wbc(cls: str, rng: np.random.Generator, size: int = 128) -> np.ndarra
     img += nuc[..., None] * ncol * chrom[..., None]
 
     if cls in GRANULE:
-        dens = {"neutrophil": 0.25, "eosinophil": 0.45, "basophil": 0.30}[cls]
-        gscale = size * {"neutrophil": 0.006, "eosinophil": 0.008, "basophil": 0.011}[cls]
+        dens = {"neutrophil": 0.25, "eosinophil": 0.45, "basophil": 0.42}[cls]
+        gscale = size * {"neutrophil": 0.006, "eosinophil": 0.008, "basophil": 0.012}[cls]
         gran = _granules(rng, size, gscale, dens) * cell
         if cls != "basophil":  # eosinophil/neutrophil granules lie in the cytoplasm, not over the nucleus
             gran *= 1 - nuc
