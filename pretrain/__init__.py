@@ -1,8 +1,25 @@
-"""Histology side: data, WSI tiling, autoencoder, ResNet, training, checkpoints, shared helpers."""
+"""Histology side: data, WSI tiling, autoencoder, ResNet, training, checkpoints, shared helpers.
 
-from .checkpoint import CheckpointError, load_checkpoint, load_encoder, save_checkpoint
-from .utils import get_device, seed_everything
+Top-level names are imported lazily (PEP 562) so that light users, e.g. slide-tiling worker
+processes, do not pay for importing torch.
+"""
 
-__all__ = ["CheckpointError", "get_device", "load_checkpoint", "load_encoder", "save_checkpoint",
-           "seed_everything"]
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "CheckpointError": "pretrain.checkpoint",
+    "load_checkpoint": "pretrain.checkpoint",
+    "load_encoder": "pretrain.checkpoint",
+    "save_checkpoint": "pretrain.checkpoint",
+    "get_device": "pretrain.utils",
+    "seed_everything": "pretrain.utils",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pretrain' has no attribute {name!r}")

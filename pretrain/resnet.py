@@ -155,7 +155,8 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
                                 f"give a local torchvision ResNet state dict or a cam16_resnet checkpoint)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError,
+            KeyError, IndexError, TypeError, AttributeError) as e:  # arbitrary bytes raise any of these
         raise ValueError(f"ResNet weights file {path} cannot be read by torch.load(weights_only=True) "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); expected a state dict "
                          f"or a wbc-fusion checkpoint") from e

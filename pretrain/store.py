@@ -88,9 +88,21 @@ class StoreWriter:
         """Append every patch of a per-slide part file (written by a worker) as slide `slide_index`."""
         with h5py.File(part, "r") as g:
             n = g["labels"].shape[0]
-            for s in range(0, n, block):
-                e = min(n, s + block)
-                self.append(g["images"][s:e], g["masks"][s:e] if "masks" in g else None)
+            names = [k for k in ("images", "masks") if k in g and k in self.f]
+            if all(g[k].chunks == self.f[k].chunks and g[k].compression == self.f[k].compression for k in names):
+                # raw chunk bytes, no decompression or numpy round trip: ~2x faster than reading and writing
+                for k in names:
+                    src, dst = g[k], self.f[k]
+                    dst.resize(self.n_images + n, axis=0)
+                    zeros = (0,) * (src.ndim - 1)
+                    for i in range(n):
+                        mask, data = src.id.read_direct_chunk((i, *zeros))
+                        dst.id.write_direct_chunk((self.n_images + i, *zeros), data, mask)
+                self.n_images += n
+            else:
+                for s in range(0, n, block):
+                    e = min(n, s + block)
+                    self.append(g["images"][s:e], g["masks"][s:e] if "masks" in g else None)
             self.append_meta(g["labels"][:], g["coords"][:], slide_index, g["tissue"][:], g["tumor"][:])
 
     def finish(self, slide_names: list[str], attrs: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ from pretrain.patches import open_patch_dataset
 from pretrain.tissue import box_fractions, otsu_threshold, saturation, tissue_mask
 from pretrain.wsi import SlideError
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(patch_size=64, overlays=False)
 
 
@@ -101,8 +103,13 @@ def test_store_round_trip_and_attrs(tmp_path):
 
 
 def test_bad_slides_do_not_stop_the_others(tmp_path, capsys):
-    from scripts.extract_patches import main
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("extract_patches_script",
+                                                  ROOT / "scripts" / "extract_patches.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    main = script.main
     good, _ = write_fake_slide(tmp_path)
     junk = tmp_path / "junk.svs"
     junk.write_bytes(b"\0" * 200)

@@ -72,6 +72,9 @@ def test_load_weights_from_our_checkpoint_and_mismatch_names_file(tmp_path):
                                                  strict=True))
     with pytest.raises(ValueError, match="c.pt.*resnet50"):
         Cam16ResNet(ResNetConfig(arch="resnet50", weights_path=str(ck)))
+    (tmp_path / "bad.pth").write_text("not a torch file")
+    with pytest.raises(ValueError, match="bad.pth"):
+        Cam16ResNet(ResNetConfig(weights_path=str(tmp_path / "bad.pth")))
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         Cam16ResNet(ResNetConfig(weights_path=str(tmp_path / "absent.pth")))
 

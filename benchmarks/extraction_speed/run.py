@@ -47,6 +47,9 @@ def raw_reads(path: Path, coords: np.ndarray, level: int, size: int) -> float:
 
 
 def pipeline(paths: list[Path], cfg: ExtractConfig, out: Path, workers: int = 1) -> tuple[float, int]:
+    """Seconds and patch count of one `extract_patches` run into a new file (a real run writes a new
+    store; replacing a 100 MB one would add the cost of freeing it)."""
+    out.unlink(missing_ok=True)
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
