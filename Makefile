@@ -22,9 +22,15 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The whole study, end to end, on synthetic demo data (numbers are NOT science; see README).
 demo: venv
 	$(PY) scripts/make_demo_data.py --out $(DEMO) --seed 0
-	$(PY) scripts/pretrain_prcc.py --config configs/demo_prcc.yaml
+	$(PY) scripts/pretrain_prcc.py --config configs/demo_prcc.yaml --data $(DEMO)/prcc
+	$(PY) scripts/extract_patches.py --slides $(DEMO)/cam16/slides --annotations $(DEMO)/cam16/annotations \
+		--out $(DEMO)/cam16/patches.h5 --patch-size 64 --mpp 1.0
+	$(PY) scripts/pretrain_cam16.py --config configs/demo_cam16.yaml --data $(DEMO)/cam16/patches.h5
+	$(PY) scripts/sweep.py --config configs/demo_sweep.yaml --data $(DEMO)/wbc
+	$(PY) scripts/report.py runs/demo_sweep
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
