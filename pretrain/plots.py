@@ -25,7 +25,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, metrics: Seque
     """One panel per metric with train_<m> and val_<m> against epoch (from `fit` log rows)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     epochs = [r["epoch"] for r in history]
-    for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes[0], metrics, strict=True):
         for split in ("train", "val"):
             key = f"{split}_{m}"
             ys = [r.get(key, np.nan) for r in history]

@@ -164,3 +164,50 @@ def mean_image_mse(train_crops: np.ndarray, val_crops: np.ndarray) -> tuple[floa
     tr = train_crops.astype(np.float64) / 255.0
     va = val_crops.astype(np.float64) / 255.0
     return float(((va - tr.mean(0)) ** 2).mean()), float(((va - va.mean(0)) ** 2).mean())
+
+
+def load_slide_tiles(slides: Sequence[str | os.PathLike], size: int, mpp: float | None = None,
+                     level: int | None = None, max_per_slide: int = 200, tissue_threshold: float = 0.5,
+                     seed: int = 0) -> ImageSet:
+    """Unlabelled tissue tiles (size x size) cut from whole-slide images with the slide tiler.
+
+    At most `max_per_slide` tiles per slide, drawn in a seeded random order over the tissue grid;
+    names are `<slide>@<k>` so that `group_regex=r"^[^@]+"` keeps each slide on one side of the split.
+    A slide that cannot be opened raises `SlideError` naming the file; one without tissue warns.
+    """
+    import itertools
+
+    from .extract import iter_tissue_tiles
+    from .wsi import find_slides
+
+    paths = find_slides(list(slides))
+    arrays: list[np.ndarray] = []
+    names: list[str] = []
+    per_slide = {}
+    for p in paths:
+        tiles = itertools.islice(iter_tissue_tiles(p, size=size, mpp=mpp, level=level,
+                                                   tissue_threshold=tissue_threshold, shuffle=True,
+                                                   seed=seed), max_per_slide)
+        n0 = len(arrays)
+        for k, t in enumerate(tiles):
+            arrays.append(np.ascontiguousarray(t))
+            names.append(f"{p.stem}@{k}")
+        per_slide[p.name] = len(arrays) - n0
+    if not arrays:
+        raise ValueError(f"no tissue tiles of {size} px found in slides {[str(p) for p in paths]}; "
+                         f"lower --tissue-threshold or the tile size")
+    return ImageSet(arrays=arrays, names=names, root=", ".join(str(p) for p in paths),
+                    fingerprint=fingerprint_files(paths, content=False),
+                    info={"slides": per_slide, "tile_size": size, "tile_mpp": mpp})
+
+
+def concat_image_sets(sets: Sequence[ImageSet]) -> ImageSet:
+    """One ImageSet from several sources (e.g. a folder of regions plus slide tiles)."""
+    if len(sets) == 1:
+        return sets[0]
+    import hashlib
+
+    fp = hashlib.sha256("".join(s.fingerprint for s in sets).encode()).hexdigest()[:16]
+    return ImageSet(arrays=[a for s in sets for a in s.arrays], names=[n for s in sets for n in s.names],
+                    fingerprint=fp, root=" + ".join(s.root for s in sets),
+                    info={"sources": [s.data_info() for s in sets]})

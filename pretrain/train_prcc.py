@@ -8,7 +8,7 @@ every time it improves, so an interrupted run leaves the last good checkpoint in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,11 @@ from .plots import image_grid, plot_curves
 from .prcc import (
     ImageSet,
     RandomCropDataset,
+    concat_image_sets,
     default_augment,
     fixed_crops,
     load_image_folder,
+    load_slide_tiles,
     mean_image_mse,
     split_by_image,
 )
@@ -40,7 +42,11 @@ KIND = "prcc_autoencoder"
 class PRCCConfig:
     """Everything that defines one autoencoder pretraining run (saved as run_dir/config.yaml)."""
 
-    data: str = "data/demo/prcc"  # folder searched recursively for images
+    data: str = "data/demo/prcc"  # folder searched recursively for images ("" when only slides are used)
+    slides: list[str] = field(default_factory=list)  # whole-slide images (files or folders) to tile too
+    tile_mpp: float | None = None  # slide tiles at this um/px (None: level 0); tiles are image_size * 2 px
+    tiles_per_slide: int = 200  # tissue tiles drawn per slide (seeded random order over the tissue grid)
+    tissue_threshold: float = 0.5  # minimum tissue fraction of a slide tile
     out: str = "checkpoints/prcc_autoencoder.pt"  # best-on-validation checkpoint
     run_dir: str = "runs/prcc"  # logs, plots, metrics
     image_size: int = 64  # crop size S in pixels
@@ -75,6 +81,8 @@ class PRCCConfig:
             raise ValueError(f"PRCCConfig.lr must be positive, got {self.lr}")
         if self.num_workers < 0:
             raise ValueError(f"PRCCConfig.num_workers must be >= 0, got {self.num_workers}")
+        if not self.data and not self.slides:
+            raise ValueError("PRCCConfig: give --data (a folder of images) and/or --slides (whole-slide images)")
 
     def model_config(self) -> AEConfig:
         return AEConfig(base_width=self.base_width, depth=self.depth, latent_channels=self.latent_channels,
@@ -104,6 +112,22 @@ def _grid(model: ConvAutoencoder, crops: np.ndarray, device: torch.device, path:
                title="PRCC autoencoder, validation crops")
 
 
+def load_training_images(cfg: PRCCConfig) -> ImageSet:
+    """Decode the folder `cfg.data` and/or cut tissue tiles from `cfg.slides`, once, into memory.
+
+    Slide tiles are 2 x image_size px so that random crops still vary; their names carry the slide
+    (`<slide>@k`) and, unless `group_regex` is set, the split keeps each slide on one side.
+    """
+    sets = []
+    if cfg.data:
+        sets.append(load_image_folder(cfg.data, min_size=cfg.image_size, max_bad_fraction=cfg.max_bad_fraction))
+    if cfg.slides:
+        sets.append(load_slide_tiles(cfg.slides, size=2 * cfg.image_size, mpp=cfg.tile_mpp,
+                                     max_per_slide=cfg.tiles_per_slide, tissue_threshold=cfg.tissue_threshold,
+                                     seed=cfg.seed))
+    return concat_image_sets(sets)
+
+
 def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
     """Train the autoencoder on random crops of `images` (default: every image under `cfg.data`).
 
@@ -120,8 +144,9 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
     log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
 
     if images is None:
-        images = load_image_folder(cfg.data, min_size=cfg.image_size, max_bad_fraction=cfg.max_bad_fraction)
-    train_idx, val_idx = split_by_image(images.names, cfg.val_fraction, cfg.seed, cfg.group_regex)
+        images = load_training_images(cfg)
+    group_regex = cfg.group_regex or (r"^[^@]+@" if cfg.slides else "")  # slide tiles: split by slide
+    train_idx, val_idx = split_by_image(images.names, cfg.val_fraction, cfg.seed, group_regex)
     train_arrays = [images.arrays[i] for i in train_idx]
     val_arrays = [images.arrays[i] for i in val_idx]
 

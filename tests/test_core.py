@@ -113,7 +113,7 @@ def _toy():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=g)
     y = (x[:, 0] > 0).long()
-    return list(zip(x.split(16), y.split(16)))
+    return list(zip(x.split(16), y.split(16), strict=True))
 
 
 def _step(model, batch, device):

@@ -241,3 +241,37 @@ def test_learns_on_real_he_patches(tmp_path, shared_data):
         m = fit_prcc(cfg)
     assert m["n_images"] == 89
     assert m["val_mse"] < 0.5 * m["baseline_mse"], m
+
+
+def test_trains_on_slide_tiles_plus_folder(demo_root, tmp_path):
+    """Issue 3 item 5: the autoencoder learns from tiles cut from whole-slide images by the tiler."""
+    from pretrain.demo import demo_paths
+
+    p = demo_paths(demo_root)
+    cfg = _cfg(tmp_path, p["prcc"])
+    cfg.slides = [str(p["slides"])]
+    cfg.tiles_per_slide = 6
+    cfg.tissue_threshold = 0.3
+    m = fit_prcc(cfg)
+    ck = load_checkpoint(cfg.out, kind="prcc_autoencoder")
+    assert sum(ck["data"]["sources"][1]["slides"].values()) == m["n_images"] - ck["data"]["sources"][0]["n_images"]
+    assert m["n_images"] > ck["data"]["sources"][0]["n_images"]
+    # tiles of one slide never straddle train and validation: every tile of a validation slide is in val
+    slides = ck["data"]["sources"][1]["slides"]
+    val = [n for n in ck["data"]["val_images"] if "@" in n]
+    for s in {n.split("@")[0] for n in val}:
+        assert sum(n.startswith(s + "@") for n in val) == slides[s + ".tif"]
+
+
+def test_slides_only_needs_no_folder(demo_root, tmp_path):
+    from pretrain.demo import demo_paths
+
+    cfg = _cfg(tmp_path, "", slides=[str(demo_paths(demo_root)["slides"])], tiles_per_slide=4,
+               tissue_threshold=0.3)
+    m = fit_prcc(cfg)
+    assert m["n_images"] == 8 and m["n_val_images"] == 4  # 2 small demo slides, split by slide
+
+
+def test_no_data_and_no_slides_is_an_error():
+    with pytest.raises(ValueError, match="--slides"):
+        PRCCConfig(data="", slides=[])
