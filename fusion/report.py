@@ -122,7 +122,9 @@ def summarise(rows: list[dict], n_boot: int = 5000, seed: int = 0) -> Summary:
                 row = {"fraction": f, "arm": lab, "versus": ref, "n_pairs": len(seeds)}
                 for m in METRICS:
                     d = [a[s][m] - b[s][m] for s in seeds]
-                    lo, hi = bootstrap_ci(d, n=n_boot, seed=seed)
+                    # a bootstrap over one or two pairs only resamples those values: report no CI
+                    lo, hi = (bootstrap_ci(d, n=n_boot, seed=seed) if len(d) >= MIN_SEEDS_FOR_CI
+                              else (float("nan"), float("nan")))
                     row.update({f"{m}_diff": float(np.mean(d)), f"{m}_lo": lo, f"{m}_hi": hi})
                 paired.append(row)
     verdicts = {f: verdict(f, [p for p in paired if p["fraction"] == f], labels) for f in fractions}
@@ -207,6 +209,13 @@ def write_tables(summary: Summary, out: Path) -> None:
     _write_csv(out / "paired.csv", keys, [[p[k] for k in keys] for p in summary.paired])
 
 
+def _diff_ci(p: dict, m: str) -> str:
+    lo, hi = p[f"{m}_lo"], p[f"{m}_hi"]
+    ci = (f"[{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) and np.isfinite(hi)
+          else f"[no CI: {p['n_pairs']} pair{'s' if p['n_pairs'] != 1 else ''}]")
+    return f"{p[f'{m}_diff']:+.3f} {ci}"
+
+
 def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     n_seeds = sorted({len(v) for v in summary.cells.values()})
     md = [f"# Fusion sweep report: `{run_dir}`", "",
@@ -223,8 +232,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
            "| fraction | arm | versus | pairs | Δ macro-F1 [95% CI] | Δ accuracy [95% CI] |", "|---|---|---|---|---|---|"]
     for p in summary.paired:
         md.append(f"| {fmt_pct(p['fraction'])} | {p['arm']} | {p['versus']} | {p['n_pairs']} | "
-                  f"{p['macro_f1_diff']:+.3f} [{p['macro_f1_lo']:+.3f}, {p['macro_f1_hi']:+.3f}] | "
-                  f"{p['accuracy_diff']:+.3f} [{p['accuracy_lo']:+.3f}, {p['accuracy_hi']:+.3f}] |")
+                  f"{_diff_ci(p, 'macro_f1')} | {_diff_ci(p, 'accuracy')} |")
     md += ["", "## Per-class accuracy (recall), mean over seeds", "",
            "| fraction | arm | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]
     for f in summary.fractions:
