@@ -30,14 +30,14 @@ def plot_metric_vs_fraction(summary, path: str | os.PathLike,
                 hw = 0.0 if math.isnan(hw) else hw
                 xs.append(f * 100)
                 mean.append(mu)
-                lo.append(mu - hw)
-                hi.append(mu + hw)
+                lo.append(max(0.0, mu - hw))  # metrics live in [0, 1]; a t-interval may not
+                hi.append(min(1.0, mu + hw))
             if xs:
                 (line,) = ax.plot(xs, mean, marker="o", ms=4, label=lab)
                 ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
         ax.set_xscale("log")
         ax.set_xlabel("label fraction of train (%)")
-        ax.set_ylabel(title)
+        ax.set_ylabel(f"{title} (band: 95% CI over seeds, clipped to [0, 1])")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     save_figure(fig, path)
