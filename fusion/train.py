@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.checkpoint import save_checkpoint
-from pretrain.config import save_config, to_plain
+from pretrain.config import start_run, to_plain
 from pretrain.engine import NonFiniteLossError, autocast, fit, train_one_epoch
 from pretrain.plots import plot_curves
 from pretrain.utils import atomic_write_json, count_parameters, get_device, make_run_dir, seed_everything
@@ -227,9 +227,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     if not cfg.overwrite and (done := _finished(run_dir)) is not None:
         return done
     run_dir = make_run_dir(run_dir.parent, run_dir.name, overwrite=cfg.overwrite)
-    for stale in ("log.jsonl", "best.pt", "curves.png"):  # a killed run restarts from scratch
-        (run_dir / stale).unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    start_run(run_dir, cfg, stale=("log.jsonl", "best.pt", "curves.png"))  # a killed run restarts from scratch
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = get_device(cfg.device)

@@ -127,3 +127,17 @@ def to_plain(obj: Any) -> Any:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(to_plain(cfg), sort_keys=False))
+
+
+def start_run(run_dir: str | os.PathLike, cfg: Any, stale: tuple[str, ...] = ("log.jsonl",)) -> Path:
+    """Create the run folder, remove files of an earlier (interrupted) run, save `config.yaml`.
+
+    One run per folder: the per-epoch log and plots left by a killed run would otherwise mix
+    with this run's. Returns the run folder.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        (run_dir / name).unlink(missing_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .cam16_split import CLASSES, LeakySplitWarning, binary_metrics, describe_split, split_by_slide
 from .checkpoint import save_checkpoint
-from .config import save_config, to_plain
+from .config import start_run, to_plain
 from .engine import evaluate, fit, train_one_epoch
 from .plots import plot_curves, save_figure
 from .resnet import Cam16ResNet, ResNetConfig
@@ -222,11 +222,8 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
     model_cfg = cfg.model_config()
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = start_run(cfg.run_dir, cfg)
     log_path = run_dir / "log.jsonl"
-    log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
 
     if dataset is None:
         from .patches import open_patch_dataset

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .autoencoder import AEConfig, ConvAutoencoder
 from .checkpoint import save_checkpoint
-from .config import save_config, to_plain
+from .config import start_run, to_plain
 from .engine import evaluate, fit, train_one_epoch
 from .plots import image_grid, plot_curves
 from .prcc import (
@@ -137,11 +137,8 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
     model_cfg = cfg.model_config()  # validates image_size vs depth before any decoding
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = start_run(cfg.run_dir, cfg)
     log_path = run_dir / "log.jsonl"
-    log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
 
     if images is None:
         images = load_training_images(cfg)
