@@ -28,7 +28,7 @@ from .slides import write_slide
 from .wbc import CLASSES, DEFAULT_COUNTS, SMALL_COUNTS, write_wbc_images
 
 #: Bump when the drawing code changes, so cached demo folders are regenerated.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 _SOURCES = {"wbc": 1, "prcc": 2, "cam16": 3}
 
 
