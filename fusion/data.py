@@ -212,7 +212,6 @@ def _write_cache(path: Path, d: dict) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
         np.savez(f, images=d["images"], labels=d["labels"], ids=np.array(d["ids"], dtype=str),
                  hashes=np.array(d["hashes"], dtype=str), meta=np.array(meta))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is meant to be shared
 
 
 def _decode_folder(root: Path, folders, size: int, workers: int | None, progress: bool) -> dict:
