@@ -95,10 +95,12 @@ class SmallCNN(nn.Module):
         kaiming_init(self)
         # the head starts small so the initial logits are near uniform
         nn.init.normal_(self.head.weight, std=0.01)
+        # NHWC convolutions: ~20% faster per step on CPU (benchmarks/real_study), and the layout AMP prefers
+        self.features.to(memory_format=torch.channels_last)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) RGB in [0, 1] -> (B, F) pooled features, F = channels[-1]."""
-        x = (x - self.mean) / self.std
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         return self.features(x).mean(dim=(2, 3))
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,11 @@ class Meter:
 
 def train_one_epoch(model: nn.Module, loader: Iterable, step: StepFn, optimizer: torch.optim.Optimizer,
                     device: torch.device, amp: bool = False, desc: str = "train",
-                    progress: bool = True, grad_clip: float | None = None) -> dict[str, float]:
+                    progress: bool = True, grad_clip: float | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
     """One pass over `loader`; returns {"loss": mean, **other metric means}.
+
+    `scheduler`, when given, is stepped after every optimizer step (per-step schedules such as cosine).
 
     Raises:
         NonFiniteLossError: a batch loss is NaN/inf (the caller marks the run failed).
@@ -74,6 +77,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: StepFn, optimizer:
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         meter.update(n, loss=loss.item(), **extra)
         bar.set_postfix(loss=f"{meter.averages()['loss']:.4f}")
     return meter.averages()
@@ -104,19 +109,20 @@ class FitResult:
 
 def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict], validate: Callable[[int], dict],
         optimizer: torch.optim.Optimizer, monitor: str = "val_loss", mode: str = "min",
-        plateau_patience: int = 3, plateau_factor: float = 0.5, early_stop: int | None = None,
+        plateau_patience: int | None = 3, plateau_factor: float = 0.5, early_stop: int | None = None,
         log_path: str | Path | None = None, on_best: Callable[[int, dict], None] | None = None,
         on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
         desc: str = "epochs") -> FitResult:
     """Run `epochs` of `train_epoch(epoch) -> {"loss",...}` then `validate(epoch) -> {...}`.
 
     Log rows are {"epoch", "lr", "seconds", "train_<k>", "val_<k>"}; `monitor` names one of them.
-    The best state dict is deep-copied (not a reference to the live weights).
+    The best state dict is deep-copied (not a reference to the live weights). `plateau_patience=None`
+    leaves the learning rate alone (for callers that step their own per-batch schedule).
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=plateau_factor,
-                                                       patience=plateau_patience)
+    sched = None if plateau_patience is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=plateau_factor, patience=plateau_patience)
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
     best_val = math.inf if mode == "min" else -math.inf
     res = FitResult(best_epoch=-1, best={})
@@ -134,7 +140,8 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict], va
         if monitor not in row:
             raise KeyError(f"monitor {monitor!r} not among logged values {sorted(row)}")
         value = row[monitor]
-        sched.step(value)
+        if sched is not None:
+            sched.step(value)
         improved = better(value, best_val)
         row["best"] = improved
         res.history.append(row)

@@ -10,7 +10,7 @@ from fusion_fakes import synthetic_wbc, tiny_checkpoints, use_tiny_cam16
 
 from fusion.encoders import load_arm_encoders
 from fusion.models import CNNConfig, FusionModel, SmallCNN
-from fusion.train import RunConfig, _Feeder, plan_steps, train_run
+from fusion.train import RunConfig, _Feeder, plan_steps, recalibrate_bn, train_run, warmup_cosine
 from pretrain.checkpoint import build_model, load_checkpoint
 from pretrain.engine import train_one_epoch
 
@@ -30,7 +30,7 @@ def env(files, monkeypatch):
 
 def _cfg(env, tmp_path, **kw) -> RunConfig:
     base = dict(data="unused", split=str(env["root"] / "split.json"), val=0.2, test=0.2, image_size=16,
-                cnn_channels=[8, 16], epochs=2, min_steps=4, max_steps=0, batch_size=16, early_stop=0,
+                cnn_channels=[8, 16], epochs=2, min_steps=4, max_steps=0, evals=2, batch_size=16, early_stop=0,
                 prcc_checkpoint=str(env["ckpt"]["prcc"]), cam16_checkpoint=str(env["ckpt"]["cam16"]),
                 out=str(tmp_path / "run"), progress=False, device="cpu", curves=False)
     return RunConfig(**{**base, **kw})
@@ -118,8 +118,37 @@ def test_bad_inputs(env, tmp_path):
 
 
 def test_plan_steps_gives_small_fractions_enough_steps():
-    cfg = RunConfig(epochs=20, min_steps=400, max_steps=1000, batch_size=64)
-    bs, steps, epochs = plan_steps(57, cfg)
-    assert bs == 57 and steps * epochs >= 400
-    bs, steps, epochs = plan_steps(5700, cfg)
-    assert steps == 90 and epochs == 12  # capped near max_steps
+    cfg = RunConfig(epochs=20, min_steps=400, max_steps=1000, batch_size=64, evals=10)
+    bs, steps, evals = plan_steps(57, cfg)
+    assert (bs, steps, evals) == (57, 40, 10)  # 20 passes = 20 steps < min_steps -> 400 steps
+    bs, steps, evals = plan_steps(5700, cfg)
+    assert (bs, steps, evals) == (64, 100, 10)  # 20 passes = 1800 steps, capped at max_steps
+    bs, steps, evals = plan_steps(1000, RunConfig(epochs=4, min_steps=10, max_steps=0, evals=3))
+    assert bs == 64 and steps * evals >= 4 * 16 and evals == 3
+
+
+def test_warmup_cosine_schedule_shape():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=100, warmup=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0)
+    assert lrs.index(max(lrs)) == 9 and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
+
+
+def test_recalibrate_bn_uses_exact_clean_statistics():
+    torch.manual_seed(0)
+    cnn = SmallCNN(CNNConfig(channels=[4, 8], input_size=8))
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    bn = cnn.features[1]
+    bn.running_mean.fill_(5.0)
+    recalibrate_bn(cnn.eval(), images, torch.arange(40), torch.device("cpu"), batch_size=40, limit=40)
+    x = (images.float() / 255 - cnn.mean) / cnn.std
+    conv = cnn.features[0](x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(bn.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not cnn.training and bn.momentum == 0.1

@@ -27,7 +27,7 @@ def env(files, monkeypatch):
 
 def _cfg(env, out, **kw) -> SweepConfig:
     base = dict(data=str(env["wbc"]), cache_dir="", val=0.25, test=0.25, image_size=16, cnn_channels=[8],
-                epochs=1, min_steps=2, max_steps=0, batch_size=16, early_stop=0,
+                epochs=1, min_steps=2, max_steps=0, evals=1, batch_size=16, early_stop=0,
                 prcc_checkpoint=str(env["ckpt"]["prcc"]), cam16_checkpoint=str(env["ckpt"]["cam16"]),
                 fractions=[1.0], arms=["scratch", "random"], modes=["sum"], seeds=[0, 1], out=str(out),
                 progress=False, device="cpu", curves=False)
