@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= data/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-fast lint clean real-study
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: venv
 	$(PY) scripts/pretrain_cam16.py --config configs/demo_cam16.yaml --data $(DEMO)/cam16/patches.h5
 	$(PY) scripts/sweep.py --config configs/demo_sweep.yaml --data $(DEMO)/wbc
 	$(PY) scripts/report.py runs/demo_sweep
+
+# The real study on ../shared/data (skips with a message when absent); resumable. See RESULTS.md.
+real-study: venv
+	$(PY) benchmarks/real_study/run.py
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,213 @@
+"""The whole study on real data, as resumable stages: PRCC autoencoder -> CAM16 ResNet -> fusion-mode
+pilot (validation only) -> fraction sweep -> report, with the wall time of each stage recorded.
+
+    python benchmarks/real_study/run.py [--config benchmarks/real_study/config.yaml] [--set sweep.seeds=[0,1,2,3,4]]
+
+The study config is YAML with the sections `prcc` (PRCCConfig), `cam16` (Cam16Config), `pilot` and
+`sweep` (SweepConfig); strings may use `{shared}` (the shared data folder) and `{work}`. Checkpoints
+and run folders go under `work` (git-ignored); the small outputs worth keeping (report, CSVs, plots,
+results.jsonl, the pilot's choice, timings, machine) are copied into `record`.
+
+Every stage is skipped when its output exists, so rerunning the same command after an interruption
+continues where it stopped. The pilot picks the fusion mode (besides `sum`) from the candidates by
+mean VALIDATION macro-F1 with the test split never evaluated; the sweep then runs `sum` and that mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pretrain.utils import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD_FILES = ("report.md", "results.csv", "per_class.csv", "paired.csv", "metric_vs_fraction.png",
+                "results.jsonl", "config.yaml")
+
+
+class SharedDataMissing(FileNotFoundError):
+    """The real data folder is absent (users outside the team): the study cannot run."""
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    node = cfg
+    for k in path:
+        node = node.setdefault(k, {})
+    node[last] = value
+
+
+def load_study_config(path: str | os.PathLike, sets: list[str] = ()) -> dict:
+    """Read the YAML study config and apply `section.key=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study config {path} does not exist")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    for s in sets:
+        if "=" not in s:
+            raise ValueError(f"--set expects section.key=value, got {s!r}")
+        key, val = s.split("=", 1)
+        _set(cfg, key.strip(), yaml.safe_load(val))
+    for section in ("prcc", "cam16", "pilot", "sweep"):
+        cfg.setdefault(section, {})
+    return cfg
+
+
+def _resolve(value, subs: dict[str, str]):
+    """Fill `{shared}`/`{work}` in strings (recursively); relative paths stay relative to ROOT."""
+    if isinstance(value, str):
+        for k, v in subs.items():
+            value = value.replace("{" + k + "}", v)
+        return value
+    if isinstance(value, list):
+        return [_resolve(v, subs) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, subs) for k, v in value.items()}
+    return value
+
+
+def _abs(p: str | os.PathLike) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else ROOT / p
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+class _Timings:
+    """Wall seconds per stage in `<work>/timings.json`, kept across resumed invocations."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def run(self, name: str, done: bool, fn):
+        if done:
+            print(f"[study] {name}: already done ({self.data.get(name, {}).get('seconds', '?')} s), skipped")
+            return None
+        print(f"[study] {name}: starting", flush=True)
+        t0 = time.perf_counter()
+        out = fn()
+        sec = round(time.perf_counter() - t0, 1)
+        prev = self.data.get(name, {})
+        self.data[name] = {"seconds": round(prev.get("seconds", 0.0) + sec, 1),
+                           "invocations": prev.get("invocations", 0) + 1}
+        atomic_write_json(self.path, self.data)
+        print(f"[study] {name}: {sec:.0f} s", flush=True)
+        return out
+
+
+def _pilot(cfg: dict, sweep_kw: dict, work: Path) -> dict:
+    """Candidate fusion modes on the validation split only; returns {"chosen", "candidates": {...}}."""
+    from .data import load_wbc
+    from .encoders import FeatureCache
+    from .splits import load_split
+    from .sweep import run_name
+    from .train import RunConfig, train_run
+
+    pilot = cfg["pilot"]
+    modes, arm = list(pilot.get("modes", ["concat", "gated"])), pilot.get("arm", "prcc+cam16")
+    fractions, seeds = list(pilot.get("fractions", [0.01, 0.1])), list(pilot.get("seeds", [0]))
+    base = {k: v for k, v in sweep_kw.items() if k in RunConfig.__dataclass_fields__}
+    base.update({"eval_test": False, "progress": False, "curves": False})
+    data = load_wbc(base["data"], base.get("image_size", 48), base.get("cache_dir") or None, progress=False)
+    split = load_split(base["split"])
+    features = FeatureCache()
+    scores: dict[str, list[dict]] = {m: [] for m in modes}
+    for mode in modes:
+        for f in fractions:
+            for s in seeds:
+                name = run_name(f, arm, mode, s)
+                rc = RunConfig(**{**base, "fraction": f, "arm": arm, "mode": mode, "seed": s,
+                                  "out": str(work / "pilot" / name)})
+                r = train_run(rc, data=data, split=split, features=features)
+                scores[mode].append({"run": name, "fraction": f, "seed": s, "val_macro_f1": r["val_macro_f1"],
+                                     "val_acc": r["val_acc"], "seconds": r["seconds"]})
+                print(f"  pilot {name}: val macro-F1 {r['val_macro_f1']:.4f}", flush=True)
+    means = {m: float(np.mean([x["val_macro_f1"] for x in v])) for m, v in scores.items()}
+    chosen = max(modes, key=lambda m: means[m])
+    return {"arm": arm, "fractions": fractions, "seeds": seeds, "criterion": "mean validation macro-F1",
+            "mean_val_macro_f1": means, "chosen": chosen, "runs": scores}
+
+
+def run_study(cfg: dict) -> Path:
+    """Run (or resume) every stage; return the record folder."""
+    from pretrain.train_cam16 import Cam16Config, fit_cam16
+    from pretrain.train_prcc import PRCCConfig, fit_prcc
+
+    from .report import make_report
+    from .sweep import SweepConfig, run_sweep
+
+    shared = _abs(os.environ.get("WBC_SHARED_DATA") or cfg.get("shared", "../shared/data"))
+    if not shared.is_dir():
+        raise SharedDataMissing(f"the real data folder {shared} is absent, so the real study cannot run "
+                                f"(set WBC_SHARED_DATA or `shared:` in the study config to where it is)")
+    work, record = _abs(cfg.get("work", "runs/real_study")), _abs(cfg.get("record", "benchmarks/real_study"))
+    work.mkdir(parents=True, exist_ok=True)
+    record.mkdir(parents=True, exist_ok=True)
+    cfg = _resolve(copy.deepcopy(cfg), {"shared": str(shared), "work": str(work)})
+    ckpt = {"prcc": work / "checkpoints" / "prcc_autoencoder.pt", "cam16": work / "checkpoints" / "cam16_resnet.pt"}
+    timings = _Timings(work / "timings.json")
+
+    prcc = PRCCConfig(**{**cfg["prcc"], "out": str(ckpt["prcc"]), "run_dir": str(work / "prcc")})
+    timings.run("prcc_autoencoder", ckpt["prcc"].is_file() and (work / "prcc" / "metrics.json").is_file(),
+                lambda: fit_prcc(prcc))
+    cam16 = Cam16Config(**{**cfg["cam16"], "out": str(ckpt["cam16"]), "run_dir": str(work / "cam16")})
+    timings.run("cam16_resnet", ckpt["cam16"].is_file() and (work / "cam16" / "metrics.json").is_file(),
+                lambda: fit_cam16(cam16))
+
+    sweep_kw = {**cfg["sweep"], "prcc_checkpoint": str(ckpt["prcc"]), "cam16_checkpoint": str(ckpt["cam16"]),
+                "out": str(work / "sweep")}
+    sweep_kw["split"] = str(_abs(sweep_kw.get("split", record / "split.json")))
+    pilot_path = work / "pilot.json"
+    modes = list(sweep_kw.get("modes", ["sum"]))
+    if cfg["pilot"].get("modes"):
+        timings.run("pilot", pilot_path.is_file(),
+                    lambda: atomic_write_json(pilot_path, _pilot(cfg, sweep_kw, work)))
+        chosen = json.loads(pilot_path.read_text())["chosen"]
+        modes = modes + [chosen] if chosen not in modes else modes
+    sweep = SweepConfig(**{**sweep_kw, "modes": modes})
+    timings.run("sweep", False, lambda: run_sweep(sweep))  # resumes: finished runs are skipped
+    timings.run("report", False, lambda: make_report(work / "sweep"))
+
+    for name in RECORD_FILES:
+        if (work / "sweep" / name).is_file():
+            shutil.copy2(work / "sweep" / name, record / name)
+    for png in sorted((work / "sweep").glob("confusion_*.png")):
+        f = png.name.split("_")[1]
+        if f in ("0.01", "1"):  # the smallest and the full fraction
+            shutil.copy2(png, record / png.name)
+    for stage in ("prcc", "cam16"):
+        if (work / stage / "metrics.json").is_file():
+            shutil.copy2(work / stage / "metrics.json", record / f"{stage}_metrics.json")
+    if pilot_path.is_file():
+        shutil.copy2(pilot_path, record / "pilot.json")
+    runs = [json.loads(line) for line in (work / "sweep" / "results.jsonl").read_text().splitlines() if line]
+    timings.data["sweep_runs_sum"] = {"seconds": round(sum(r.get("seconds", 0) for r in runs), 1),
+                                      "runs": len(runs)}
+    atomic_write_json(record / "timings.json", timings.data)
+    atomic_write_json(record / "machine.json", machine_info())
+    print(f"[study] recorded outputs in {record}; total stage time "
+          f"{sum(v['seconds'] for k, v in timings.data.items() if k != 'sweep_runs_sum') / 60:.1f} min")
+    return record

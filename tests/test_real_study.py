@@ -1,0 +1,67 @@
+"""The real study (benchmarks/real_study): a cut-down run on the real data, and the skip without it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, require_shared
+
+from fusion.study import SharedDataMissing, load_study_config, run_study
+
+CONFIG = ROOT / "benchmarks" / "real_study" / "config.yaml"
+
+
+def test_study_config_overrides_parse_as_yaml():
+    cfg = load_study_config(CONFIG, ["sweep.seeds=[0,1,2,3,4]", "sweep.image_size=360", "new.key=x"])
+    assert cfg["sweep"]["seeds"] == [0, 1, 2, 3, 4] and cfg["sweep"]["image_size"] == 360
+    assert cfg["new"]["key"] == "x" and cfg["prcc"]["image_size"] == 48
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_study_config(CONFIG, ["sweep.seeds"])
+
+
+def test_study_skips_with_a_message_without_the_real_data(tmp_path):
+    cfg = load_study_config(CONFIG, [f"shared={tmp_path / 'absent'}"])
+    with pytest.raises(SharedDataMissing, match="absent"):
+        run_study(cfg)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/real_study/run.py"),
+                          "--set", f"shared={tmp_path / 'absent'}"], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0 and "SKIP" in out.stdout and "absent" in out.stdout
+
+
+@pytest.mark.slow
+def test_cut_down_real_study_end_to_end(tmp_path):
+    """One seed, two fractions, two arms, short training: every stage on the real data, then a resume."""
+    shared = require_shared("pbc-wbc").parent
+    require_shared("cam16-patches")
+    require_shared("wsi", "cmu-1-small-region.svs")
+    sets = [f"shared={shared}", f"work={tmp_path / 'work'}", f"record={tmp_path / 'record'}",
+            "prcc.epochs=1", "prcc.tiles_per_slide=10", "prcc.crops_per_image=2", "prcc.val_crops_per_image=2",
+            "cam16.epochs=1", "pilot.modes=[concat]", "pilot.fractions=[0.1]",
+            "sweep.fractions=[0.01,0.1]", "sweep.arms=[scratch,prcc+cam16]", "sweep.seeds=[0]",
+            "sweep.min_steps=40", "sweep.max_steps=60", "sweep.evals=2", f"sweep.cache_dir={tmp_path / 'cache'}"]
+    record = run_study(load_study_config(CONFIG, sets))
+
+    rows = [json.loads(line) for line in (record / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["run"] for r in rows) == sorted(
+        f"f{f}_{a}_s0" for f in ("0.01", "0.1") for a in ("scratch", "prcc+cam16_sum", "prcc+cam16_concat"))
+    assert all(r["status"] == "ok" for r in rows)
+    assert {r["n_train"] for r in rows} == {59, 577}  # the committed split's fractions
+    scratch10 = next(r for r in rows if r["run"] == "f0.1_scratch_s0")
+    assert scratch10["macro_f1"] > 0.5  # 60 steps on real cells already beat chance (0.2) by far
+    pilot = json.loads((record / "pilot.json").read_text())
+    assert pilot["chosen"] == "concat" and "macro_f1" not in json.dumps(pilot["runs"]).replace("val_macro_f1", "")
+    for name in ("report.md", "results.csv", "per_class.csv", "paired.csv", "metric_vs_fraction.png",
+                 "confusion_0.01_scratch.png", "timings.json", "machine.json", "prcc_metrics.json",
+                 "cam16_metrics.json"):
+        assert (record / name).is_file(), name
+    timings = json.loads((record / "timings.json").read_text())
+    assert {"prcc_autoencoder", "cam16_resnet", "pilot", "sweep", "report"} <= set(timings)
+
+    run_study(load_study_config(CONFIG, sets))  # resume: nothing is trained again
+    again = json.loads((record / "timings.json").read_text())
+    assert again["prcc_autoencoder"] == timings["prcc_autoencoder"] and again["pilot"] == timings["pilot"]
+    assert len((record / "results.jsonl").read_text().splitlines()) == len(rows)
