@@ -18,6 +18,7 @@ are nested (1% ⊂ 10% ⊂ 50% ⊂ 100%) and any new fraction added later nests 
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pretrain.utils import atomic_write_json
+from pretrain.utils import atomic_path, atomic_write_json
 
 from .data import CLASSES, WBCData, find_duplicates, load_wbc
 
@@ -201,9 +202,14 @@ def validate_split(split: dict, source: str = "split") -> dict:
 
 
 def save_split(split: dict, path: str | os.PathLike) -> Path:
-    """Validate and write the split as JSON (atomically)."""
+    """Validate and write the split as JSON (atomically); gzip-compressed when `path` ends in `.gz`
+    (the split of the 8,232 PBC images is 1.5 MB of JSON, 0.37 MB gzipped)."""
     validate_split(split, source="split to save")
-    atomic_write_json(path, split)
+    if str(path).endswith(".gz"):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(gzip.compress(json.dumps(split, separators=(",", ":")).encode(), mtime=0))
+    else:
+        atomic_write_json(path, split)
     return Path(path)
 
 
@@ -219,8 +225,9 @@ def load_split(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"split file {path} does not exist; make it once with "
                                 f"scripts/make_split.py --data DIR --out {path}")
     try:
-        split = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = path.read_bytes()
+        split = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
         raise SplitError(f"split file {path} is not valid JSON ({e})") from e
     return validate_split(split, source=f"split file {path}")
 

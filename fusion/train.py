@@ -236,7 +236,7 @@ def recalibrate_bn(cnn: SmallCNN, images: torch.Tensor, rows: torch.Tensor, devi
     rows = rows[:limit]
     for i in range(0, len(rows), batch_size):
         cnn.forward_features(images[rows[i:i + batch_size]].to(device).float().div_(255))
-    for m, mom in zip(bns, momenta):
+    for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
     cnn.train(was_training)
 

@@ -145,6 +145,16 @@ def test_save_load_round_trip_and_indices(tmp_path):
     assert [shuffled.ids[r] for r in split_indices(back, shuffled, "val")] == back["parts"]["val"]
 
 
+def test_gzipped_split_round_trip_and_truncated_file(tmp_path):
+    split, _ = _split(fake_data())
+    plain, packed = save_split(split, tmp_path / "s.json"), save_split(split, tmp_path / "s.json.gz")
+    assert packed.read_bytes()[:2] == b"\x1f\x8b" and packed.stat().st_size < plain.stat().st_size / 3
+    assert load_split(packed) == load_split(plain)
+    (tmp_path / "cut.json.gz").write_bytes(packed.read_bytes()[:40])
+    with pytest.raises(SplitError, match=r"cut\.json\.gz is not valid JSON"):
+        load_split(tmp_path / "cut.json.gz")
+
+
 def test_split_refuses_other_images():
     data = fake_data()
     split, _ = _split(data)
