@@ -29,8 +29,9 @@ import yaml
 from pretrain.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORD_FILES = ("report.md", "results.csv", "per_class.csv", "paired.csv", "metric_vs_fraction.png",
-                "results.jsonl", "config.yaml")
+RECORD_FILES = {"report.md": "report.md", "results.csv": "results.csv", "per_class.csv": "per_class.csv",
+                "paired.csv": "paired.csv", "metric_vs_fraction.png": "metric_vs_fraction.png",
+                "results.jsonl": "results.jsonl", "config.yaml": "sweep_config.yaml"}  # sweep file -> record name
 
 
 class SharedDataMissing(FileNotFoundError):
@@ -191,9 +192,9 @@ def run_study(cfg: dict) -> Path:
     timings.run("sweep", False, lambda: run_sweep(sweep))  # resumes: finished runs are skipped
     timings.run("report", False, lambda: make_report(work / "sweep"))
 
-    for name in RECORD_FILES:
+    for name, dest in RECORD_FILES.items():
         if (work / "sweep" / name).is_file():
-            shutil.copy2(work / "sweep" / name, record / name)
+            shutil.copy2(work / "sweep" / name, record / dest)
     for png in sorted((work / "sweep").glob("confusion_*.png")):
         f = png.name.split("_")[1]
         if f in ("0.01", "1"):  # the smallest and the full fraction

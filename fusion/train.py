@@ -9,7 +9,7 @@ Training is step-based: a run takes `epochs` passes over its training images, bu
 `min_steps` optimizer steps (a 1% run samples its few images repeatedly, each time freshly augmented)
 and never more than `max_steps`. The learning rate warms up linearly, then follows a cosine to zero;
 the run is validated `evals` times at even intervals and the best-on-validation weights (macro-F1) are
-the ones tested. Why (measured on real PBC validation data, see benchmarks/real_study/RESULTS.md):
+the ones tested. Why (measured on real PBC validation data, see benchmarks/real_study/TUNING.md):
 epoch-counted early stopping with ReduceLROnPlateau stopped 10% runs after ~400 noisy steps.
 """
 
@@ -70,7 +70,9 @@ class RunConfig:
     dropout: float = 0.2
     epochs: int = field(default=20, metadata={"help": "passes over the training images (then clamped to "
                                                       "[min_steps, max_steps] optimizer steps)"})
-    min_steps: int = field(default=400, metadata={"help": "train at least this many steps (small fractions)"})
+    min_steps: int = field(default=800, metadata={
+        "help": "train at least this many steps (small fractions; 400 left 10%% runs under-trained, "
+                "benchmarks/real_study/SCRATCH_PROBE.md)"})
     max_steps: int = field(default=1500, metadata={"help": "train at most this many steps (0 = no cap)"})
     evals: int = field(default=10, metadata={"help": "validations per run, evenly spaced; the best is kept"})
     batch_size: int = 64

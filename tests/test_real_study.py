@@ -55,9 +55,10 @@ def test_cut_down_real_study_end_to_end(tmp_path):
     pilot = json.loads((record / "pilot.json").read_text())
     assert pilot["chosen"] == "concat" and "macro_f1" not in json.dumps(pilot["runs"]).replace("val_macro_f1", "")
     for name in ("report.md", "results.csv", "per_class.csv", "paired.csv", "metric_vs_fraction.png",
-                 "confusion_0.01_scratch.png", "timings.json", "machine.json", "prcc_metrics.json",
+                 "confusion_0.01_scratch.png", "sweep_config.yaml", "timings.json", "machine.json", "prcc_metrics.json",
                  "cam16_metrics.json"):
         assert (record / name).is_file(), name
+    assert not (record / "config.yaml").exists()  # the sweep's config is recorded as sweep_config.yaml
     timings = json.loads((record / "timings.json").read_text())
     assert {"prcc_autoencoder", "cam16_resnet", "pilot", "sweep", "report"} <= set(timings)
 
