@@ -218,7 +218,11 @@ def _diff_ci(p: dict, m: str) -> str:
 
 def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     n_seeds = sorted({len(v) for v in summary.cells.values()})
-    md = [f"# Fusion sweep report: `{run_dir}`", "",
+    try:  # a path relative to the working directory, so recorded reports do not carry this machine's paths
+        shown = Path(run_dir).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = Path(run_dir)
+    md = [f"# Fusion sweep report: `{shown}`", "",
           f"Arms: {', '.join(summary.labels)}. Fractions: {', '.join(fmt_pct(f) for f in summary.fractions)}. "
           f"Seeds per cell: {', '.join(map(str, n_seeds))}. Metrics on the held-out test split, model chosen "
           f"on validation macro-F1.", ""]

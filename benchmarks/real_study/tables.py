@@ -1,0 +1,132 @@
+"""Print the markdown tables of RESULTS.md from the recorded study outputs (no training, no data needed).
+
+    python benchmarks/real_study/tables.py [benchmarks/real_study] > /tmp/tables.md
+
+Reads results.csv, paired.csv, per_class.csv, results.jsonl and timings.json, so RESULTS.md can be
+refreshed by copying sections after a rerun instead of retyping numbers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+# The original study's validation numbers (its data differ): fraction -> (acc without, acc with, F1 without, F1 with)
+ORIGINAL = {0.01: (63.5, 74.1, 0.545, 0.699), 0.1: (78.7, 84.0, 0.784, 0.843),
+            0.5: (90.0, 91.1, 0.901, 0.899), 1.0: (90.3, 93.0, 0.899, 0.900)}
+TARGETS = {0.01: 0.90, 0.1: 0.97, 1.0: 0.985}
+MAIN_ARMS = ("scratch", "prcc+cam16 (sum)", "random (sum)")
+
+
+def pct(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def main_tables(rec: Path) -> list[str]:
+    res = read_csv(rec / "results.csv")
+    cells = {(float(r["fraction"]), r["arm"]): r for r in res}
+    fractions = sorted({f for f, _ in cells})
+    order = ["scratch", "prcc", "cam16", "prcc+cam16", "random"]
+    arms = sorted(dict.fromkeys(r["arm"] for r in res), key=lambda a: (order.index(a.split(" ")[0]), a))
+    out = []
+    for metric, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
+        out += [f"{title}:", "", "| fraction | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+        for f in fractions:
+            vals = [f"{float(cells[f, a][metric + '_mean']):.3f} ± {float(cells[f, a][metric + '_ci95']):.3f}"
+                    for a in arms]
+            out.append(f"| {pct(f)} | " + " | ".join(vals) + " |")
+        out.append("")
+    out += ["| fraction | original accuracy, without → with | ours: accuracy, scratch → prcc+cam16 (sum) "
+            "| original macro-F1, without → with | ours: macro-F1, scratch → prcc+cam16 (sum) |",
+            "|---|---|---|---|---|"]
+    for f in fractions:
+        a0, a1, f0, f1 = ORIGINAL[f]
+        s, p = cells[f, "scratch"], cells[f, "prcc+cam16 (sum)"]
+        out.append(f"| {pct(f)} | {a0}% → {a1}% | {float(s['accuracy_mean']) * 100:.1f}% → "
+                   f"{float(p['accuracy_mean']) * 100:.1f}% | {f0:.3f} → {f1:.3f} | "
+                   f"{float(s['macro_f1_mean']):.3f} → {float(p['macro_f1_mean']):.3f} |")
+    return out + [""]
+
+
+def paired_table(rec: Path) -> list[str]:
+    out = ["| fraction | arm | versus | Δ macro-F1 [95% CI] | Δ accuracy [95% CI] |", "|---|---|---|---|---|"]
+    for r in read_csv(rec / "paired.csv"):
+        cis = [f"{float(r[m + '_diff']):+.3f} [{float(r[m + '_lo']):+.3f}, {float(r[m + '_hi']):+.3f}]"
+               for m in ("macro_f1", "accuracy")]
+        excl = float(r["macro_f1_lo"]) > 0 or float(r["macro_f1_hi"]) < 0
+        out.append(f"| {pct(float(r['fraction']))} | {r['arm']} | {r['versus']} | "
+                   f"{'**' + cis[0] + '**' if excl else cis[0]} | {cis[1]} |")
+    return out + ["", "(bold: the macro-F1 interval excludes 0)", ""]
+
+
+def per_class_table(rec: Path) -> list[str]:
+    rows = read_csv(rec / "per_class.csv")
+    classes = [k[:-len("_accuracy")] for k in rows[0] if k.endswith("_accuracy")]
+    out = ["| fraction | arm | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
+    for r in rows:
+        if r["arm"] in MAIN_ARMS:
+            out.append(f"| {pct(float(r['fraction']))} | {r['arm']} | " +
+                       " | ".join(f"{float(r[c + '_accuracy']):.3f}" for c in classes) + " |")
+    return out + [""]
+
+
+def baseline_and_gap(rec: Path) -> list[str]:
+    runs = [json.loads(line) for line in (rec / "results.jsonl").read_text().splitlines() if line]
+    scratch = defaultdict(list)
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        if r["arm"] == "scratch":
+            scratch[r["fraction"]].append(r)
+    out = ["| fraction | target | scratch test macro-F1 (per seed) | mean | validation mean | met? |",
+           "|---|---|---|---|---|---|"]
+    for f, rs in sorted(scratch.items()):
+        test = np.mean([r["macro_f1"] for r in rs])
+        t = TARGETS.get(f)
+        met = "—" if t is None else ("**yes**" if test >= t else f"**no**, by {t - test:.4f}")
+        seeds = ", ".join(f"{r['macro_f1']:.4f}" for r in rs)
+        out.append(f"| {pct(f)} | {'≥ ' + str(t) if t else '—'} | {seeds} "
+                   f"| {test:.4f} | {np.mean([r['val_macro_f1'] for r in rs]):.4f} | {met} |")
+    gap = np.array([r["val_macro_f1"] - r["macro_f1"] for r in runs])
+    last = np.array([r["val_macro_f1"] - r["macro_f1"] for r in runs if r["best_epoch"] == r["epochs_run"]])
+    out += ["", f"Validation above test in {int((gap > 0).sum())} of {len(gap)} runs; mean gap {gap.mean():.4f}. "
+            f"Runs whose best check was the last: {len(last)}, mean gap "
+            f"{last.mean() if len(last) else float('nan'):.4f}.", ""]
+    return out
+
+
+def timing_table(rec: Path) -> list[str]:
+    t = json.loads((rec / "timings.json").read_text())
+    runs = [json.loads(line) for line in (rec / "results.jsonl").read_text().splitlines() if line]
+    out = ["| stage | seconds | minutes |", "|---|---|---|"]
+    total = 0.0
+    for k, v in t.items():
+        if k != "sweep_runs_sum":
+            total += v["seconds"]
+            out.append(f"| {k} | {v['seconds']:,.0f} | {v['seconds'] / 60:.1f} |")
+    out += [f"| **total** | **{total:,.0f}** | **{total / 60:.1f}** |", ""]
+    by_f = defaultdict(list)
+    for r in runs:
+        by_f[r["fraction"]].append(r)
+    out += ["Per run: " + "; ".join(
+        f"{pct(f)} {np.mean([r['seconds'] for r in rs]):.0f} s ({int(np.median([r['steps'] for r in rs]))} steps)"
+        for f, rs in sorted(by_f.items())), ""]
+    return out
+
+
+def main() -> None:
+    rec = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
+    for title, fn in (("Table", main_tables), ("Paired", paired_table), ("Per class", per_class_table),
+                      ("Baseline", baseline_and_gap), ("Timings", timing_table)):
+        print(f"<!-- {title} -->\n" + "\n".join(fn(rec)))
+
+
+if __name__ == "__main__":
+    main()
