@@ -152,6 +152,16 @@ def _pilot(cfg: dict, sweep_kw: dict, work: Path) -> dict:
             "mean_val_macro_f1": means, "chosen": chosen, "runs": scores}
 
 
+def record_sweep(sweep_dir: Path, record: Path) -> None:
+    """Copy a reported sweep's small outputs (tables, plots, results.jsonl, config) into `record`."""
+    for name, dest in RECORD_FILES.items():
+        if (sweep_dir / name).is_file():
+            shutil.copy2(sweep_dir / name, record / dest)
+    for png in sorted(sweep_dir.glob("confusion_*.png")):
+        if png.name.split("_")[1] in ("0.01", "1"):  # the smallest and the full fraction
+            shutil.copy2(png, record / png.name)
+
+
 def run_study(cfg: dict) -> Path:
     """Run (or resume) every stage; return the record folder."""
     from pretrain.train_cam16 import Cam16Config, fit_cam16
@@ -192,13 +202,7 @@ def run_study(cfg: dict) -> Path:
     timings.run("sweep", False, lambda: run_sweep(sweep))  # resumes: finished runs are skipped
     timings.run("report", False, lambda: make_report(work / "sweep"))
 
-    for name, dest in RECORD_FILES.items():
-        if (work / "sweep" / name).is_file():
-            shutil.copy2(work / "sweep" / name, record / dest)
-    for png in sorted((work / "sweep").glob("confusion_*.png")):
-        f = png.name.split("_")[1]
-        if f in ("0.01", "1"):  # the smallest and the full fraction
-            shutil.copy2(png, record / png.name)
+    record_sweep(work / "sweep", record)
     for stage in ("prcc", "cam16"):
         if (work / stage / "metrics.json").is_file():
             shutil.copy2(work / stage / "metrics.json", record / f"{stage}_metrics.json")

@@ -32,6 +32,34 @@ def test_study_skips_with_a_message_without_the_real_data(tmp_path):
     assert out.returncode == 0 and "SKIP" in out.stdout and "absent" in out.stdout
 
 
+def test_combine_reuses_only_runs_whose_budget_is_unchanged(tmp_path):
+    """min_steps 400 -> 800: the recorded 50%/100% rows plan the same steps and are reused; 10% is not."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "real_study"))
+    from combine import combine
+
+    old = [json.loads(line) for line in (ROOT / "benchmarks/real_study/results_min_steps_400.jsonl").open()]
+    today_rows = [r for r in old if r["fraction"] == 0.5]  # unchanged budget, rerun: must compare identical
+    today_rows += [{**r, "steps": 800, "macro_f1": r["macro_f1"] + 0.01} for r in old if r["fraction"] == 0.01]
+    today_rows[0] = {**today_rows[0], "macro_f1": 0.5}  # one 50% run differs: reported as a mismatch
+    today = tmp_path / "sweep"
+    today.mkdir()
+    (today / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in today_rows))
+    (today / "config.yaml").write_text(yaml.safe_dump({"min_steps": 800, "max_steps": 1500, "epochs": 20,
+                                                       "evals": 10, "batch_size": 64}))
+    (tmp_path / "record").mkdir()
+    s = combine(today, ROOT / "benchmarks/real_study/results_min_steps_400.jsonl", tmp_path / "out",
+                tmp_path / "record")
+    assert s["runs_today"] == 54 and s["runs_reused"] == 27 and all(n.startswith("f1.0_") for n in s["reused"])
+    assert len(s["runs_left_out"]) == 27 and all(n.startswith("f0.1_") for n in s["runs_left_out"])
+    assert s["compared_unchanged_budget"] == 27 and s["identical"] == 26
+    assert list(s["mismatches"]) == [today_rows[0]["run"]]
+    rows = [json.loads(line) for line in (tmp_path / "record" / "results.jsonl").open()]
+    assert sorted({r["fraction"] for r in rows}) == [0.01, 0.5, 1.0]
+    assert (tmp_path / "record" / "report.md").is_file()
+
+
 @pytest.mark.slow
 def test_cut_down_real_study_end_to_end(tmp_path):
     """One seed, two fractions, two arms, short training: every stage on the real data, then a resume."""
