@@ -102,23 +102,60 @@ def baseline_and_gap(rec: Path) -> list[str]:
     return out
 
 
+STAGES = {"prcc_autoencoder": "PRCC autoencoder (389 images, 8 epochs)",
+          "cam16_resnet": "CAM16 ResNet-18 (56 training patches, 15 epochs)",
+          "pilot": "fusion-mode pilot (4 validation-only runs; decodes the 8,232 images into the cache)"}
+FIRST_RUN = ("results_min_steps_400.jsonl", "timings_min_steps_400.json")  # the 2026-11-22 record
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _column(stages: dict, runs: list[dict], fractions: list[float], n_per_f: dict) -> tuple[list[str], float]:
+    """Stage seconds, then run seconds per fraction (scaled up from the measured runs where some were
+    reused from another record, marked est.), and the total."""
+    cells, total = [], 0.0
+    for k in STAGES:
+        total += stages[k]["seconds"]
+        cells.append(f"{stages[k]['seconds']:,.0f}")
+    for f in fractions:
+        rs = [r for r in runs if r["fraction"] == f]
+        sec = sum(r["seconds"] for r in rs)
+        est = ""
+        if rs and len(rs) < n_per_f[f]:
+            sec, est = sec / len(rs) * n_per_f[f], f" (est. from {len(rs)} runs)"
+        total += sec
+        cells.append(f"{sec:,.0f}{est}")
+    return cells + [f"**{total:,.0f} = {total / 60:.1f} min**"], total
+
+
 def timing_table(rec: Path) -> list[str]:
-    t = json.loads((rec / "timings.json").read_text())
-    runs = [json.loads(line) for line in (rec / "results.jsonl").read_text().splitlines() if line]
-    out = ["| stage | seconds | minutes |", "|---|---|---|"]
-    total = 0.0
-    for k, v in t.items():
-        if k != "sweep_runs_sum":
-            total += v["seconds"]
-            out.append(f"| {k} | {v['seconds']:,.0f} | {v['seconds'] / 60:.1f} |")
-    out += [f"| **total** | **{total:,.0f}** | **{total / 60:.1f}** |", ""]
-    by_f = defaultdict(list)
-    for r in runs:
-        by_f[r["fraction"]].append(r)
-    out += ["Per run: " + "; ".join(
-        f"{pct(f)} {np.mean([r['seconds'] for r in rs]):.0f} s ({int(np.median([r['steps'] for r in rs]))} steps)"
-        for f, rs in sorted(by_f.items())), ""]
-    return out
+    """Wall time per stage: stages from timings.json plus the sum of run seconds measured in this record
+    (rows with a `source` were reused from an earlier record and are not counted), beside the first run."""
+    runs = _read_jsonl(rec / "results.jsonl")
+    fresh = [r for r in runs if "source" not in r]
+    fractions = sorted({r["fraction"] for r in runs})
+    n_per_f = {f: sum(r["fraction"] == f for r in runs) for f in fractions}
+    steps = {f: int(np.median([r["steps"] for r in runs if r["fraction"] == f])) for f in fractions}
+    names = list(STAGES.values()) + [f"sweep {pct(f)}: {n_per_f[f]} runs, {steps[f]} steps" for f in fractions]
+    now, total = _column(json.loads((rec / "timings.json").read_text()), fresh, fractions, n_per_f)
+    first = rec / FIRST_RUN[0]
+    if not first.is_file():
+        return ["| stage | seconds |", "|---|---|"] + [f"| {n} | {c} |" for n, c in zip(names + ["**total**"], now,
+                                                                                       strict=True)] + [""]
+    old = _read_jsonl(first)
+    then, total_then = _column(json.loads((rec / FIRST_RUN[1]).read_text()), old, fractions, n_per_f)
+    old_by = {r["run"]: r for r in old}
+    same = [r for r in fresh if r["run"] in old_by and r["steps"] == old_by[r["run"]]["steps"]]
+    out = ["| stage | this record, s | first run (`min_steps 400`), s |", "|---|---|---|"]
+    out += [f"| {n} | {a} | {b} |" for n, a, b in zip(names + ["**total**"], now, then, strict=True)]
+    if same:
+        ratio = sum(r["seconds"] for r in same) / sum(old_by[r["run"]]["seconds"] for r in same)
+        out += ["", f"Identical work on both days ({len(same)} runs with the same step budget) took {ratio:.2f}x as "
+                f"long in this record. At the first run's machine speed, this record's total would be about "
+                f"{total / ratio / 60:.0f} min."]
+    return out + [""]
 
 
 def main() -> None:
