@@ -94,3 +94,14 @@ def test_cut_down_real_study_end_to_end(tmp_path):
     again = json.loads((record / "timings.json").read_text())
     assert again["prcc_autoencoder"] == timings["prcc_autoencoder"] and again["pilot"] == timings["pilot"]
     assert len((record / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_results_tables_regenerate_from_the_committed_record():
+    """tables.py rebuilds RESULTS.md's tables from the recorded files; they must agree with RESULTS.md."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/real_study/tables.py")], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    results = (ROOT / "RESULTS.md").read_text()
+    for section in ("Table", "Paired", "Per class", "Baseline", "Timings"):
+        assert f"<!-- {section} -->" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 1% | ") or line.startswith("| 100% | ")]
+    assert len(rows) > 20 and all(row in results for row in rows)  # RESULTS.md shows the recorded numbers
