@@ -1,4 +1,4 @@
-"""A sweep: fractions x seeds x arms x fusion modes, each run in its own folder, in one process.
+"""A sweep: fractions x seeds x arms x fusion modes, each run in its own folder.
 
     python scripts/sweep.py --config configs/demo_sweep.yaml
 
@@ -10,7 +10,10 @@ ends with the same results as an uninterrupted one. `scratch` has no fusion, so 
 (fraction, seed) whatever `modes` holds.
 
 The run list is deterministic and `run_one(spec, ctx)` trains one run from a `RunConfig` alone
-(`ctx` only shares already-loaded data), so an engine such as Ray can map it over workers later.
+(`ctx` only shares already-loaded data). `workers: N` trains N runs at once in spawned processes with
+`worker_threads` torch threads each: on 2 CPU cores, two one-thread runs train 1.67x the steps per
+second of one two-thread run (benchmarks/real_study/THREAD_SPEED.md). A run's numbers depend on its
+thread count (recorded as `torch_threads`), not on which process or in which order it ran.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pretrain.utils import append_jsonl, make_run_dir, read_jsonl
 from .data import WBCData, load_wbc
 from .encoders import ARMS, SOURCE_KINDS, FeatureCache
 from .models import FUSIONS
-from .splits import fraction_key
+from .splits import fraction_key, load_split
 from .train import RunConfig, prepare_split, train_run
 
 RUN_ONLY = ("fraction", "arm", "mode", "seed")  # RunConfig fields the sweep sets per run
@@ -46,6 +49,10 @@ class SweepConfig(RunConfig):
     modes: list[str] = field(default_factory=lambda: ["sum"], metadata={"help": f"subset of {list(FUSIONS)}"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     progress_runs: bool = field(default=False, metadata={"help": "also show each run's epoch bar"})
+    workers: int = field(default=1, metadata={"help": "runs trained at once, each in its own process with "
+                                                     "`worker_threads` torch threads; 1 = in this process"})
+    worker_threads: int = field(default=1, metadata={"help": "torch threads per worker process (workers > 1). "
+                                                            "CPU results depend on the thread count"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +68,8 @@ class SweepConfig(RunConfig):
             raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if self.workers < 1 or self.worker_threads < 1:
+            raise ValueError(f"workers and worker_threads must be >= 1, got {self.workers}, {self.worker_threads}")
 
 
 @dataclass
@@ -98,6 +107,39 @@ def run_one(spec: RunConfig, ctx: SweepContext | None = None) -> dict:
     return train_run(spec, data=ctx.data, split=ctx.split, features=ctx.features)
 
 
+_WORKER_CTX: SweepContext | None = None  # set in each worker process by _init_worker
+
+
+def _init_worker(cfg: SweepConfig, split_path: str) -> None:
+    """Worker process start: fix its thread count, load the images (from the cache) and the saved split once."""
+    import torch
+
+    global _WORKER_CTX
+    torch.set_num_threads(cfg.worker_threads)
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=False)
+    _WORKER_CTX = SweepContext(data, load_split(split_path))
+
+
+def _run_in_worker(spec: RunConfig) -> dict:
+    return run_one(spec, _WORKER_CTX)
+
+
+def _results(todo: list[RunConfig], cfg: SweepConfig, ctx: SweepContext, split_path: Path):
+    """Yield each todo run's result: in order in this process, or as they finish across `cfg.workers`
+    processes (spawned, so a CUDA context or threads of this process are never forked)."""
+    if cfg.workers == 1:
+        for spec in todo:
+            yield run_one(spec, ctx)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(cfg, str(split_path))) as pool:
+        for fut in as_completed([pool.submit(_run_in_worker, spec) for spec in todo]):
+            yield fut.result()
+
+
 def _check_checkpoints(cfg: SweepConfig) -> None:
     needed = {s for a in cfg.arms for s in ARMS[a].sources}
     for s in sorted(needed):
@@ -130,15 +172,15 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
     t0 = time.perf_counter()
     data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress)
-    split = prepare_split(cfg, data, out / "split.json", cfg.fractions)
+    split_path = Path(cfg.split) if cfg.split else out / "split.json"
+    split = prepare_split(cfg, data, split_path, cfg.fractions)
     ctx = SweepContext(data, split)
     print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
     bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.progress,
                dynamic_ncols=True)
     t_runs = time.perf_counter()
-    for i, spec in enumerate(todo):
-        r = run_one(spec, ctx)
-        append_jsonl(results_path, {**r, "run_dir": str(Path(spec.out).relative_to(out))})
+    for i, r in enumerate(_results(todo, cfg, ctx, split_path)):
+        append_jsonl(results_path, {**r, "run_dir": str(Path("runs") / r["run"])})
         left = len(todo) - i - 1
         eta = (time.perf_counter() - t_runs) / (i + 1) * left
         bar.update(1)

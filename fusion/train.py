@@ -380,6 +380,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                     data={"source": data.root, "n_train": len(train_rows), "fraction": cfg.fraction},
                     train=cfg)
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["torch_threads"] = torch.get_num_threads()  # CPU numbers depend on it (summation order)
     atomic_write_json(run_dir / "metrics.json", to_plain(result))
     return result
 

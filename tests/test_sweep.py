@@ -93,3 +93,21 @@ def test_nan_run_is_marked_failed_and_the_sweep_goes_on(env, tmp_path):
     rows = {r["run"]: r for r in read_jsonl(res)}
     assert rows["f1.0_scratch_s0"]["status"] == "ok"
     assert rows["f1.0_cam16_sum_s0"]["status"] == "failed" and "non-finite" in rows["f1.0_cam16_sum_s0"]["reason"]
+
+
+def test_two_worker_processes_give_the_same_runs_as_one_process_at_the_same_thread_count(env, tmp_path):
+    """workers=2 (spawned, 1 thread each) must equal an in-process sweep on 1 thread, run for run."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = read_jsonl(run_sweep(_cfg(env, tmp_path / "serial", arms=["scratch"], seeds=[0, 1, 2])))
+    finally:
+        torch.set_num_threads(n)
+    parallel = read_jsonl(run_sweep(_cfg(env, tmp_path / "parallel", arms=["scratch"], seeds=[0, 1, 2],
+                                         workers=2, worker_threads=1)))
+    assert len(parallel) == 3 and {r["torch_threads"] for r in parallel} == {1}
+    assert _strip(parallel) == _strip(serial)
+    with pytest.raises(ValueError, match="workers"):
+        _cfg(env, tmp_path / "bad", workers=0)
