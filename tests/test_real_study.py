@@ -105,3 +105,23 @@ def test_results_tables_regenerate_from_the_committed_record():
         assert f"<!-- {section} -->" in out
     rows = [line for line in out.splitlines() if line.startswith("| 1% | ") or line.startswith("| 100% | ")]
     assert len(rows) > 20 and all(row in results for row in rows)  # RESULTS.md shows the recorded numbers
+
+
+def test_thread_effect_reports_run_differences_and_verdict_flips():
+    """thread_effect.py compares two records run by run and lists paired intervals that change side of 0."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "real_study"))
+    from thread_effect import _jsonl, _paired, compare
+
+    rec = ROOT / "benchmarks" / "real_study"
+    a, pa = _jsonl(rec / "results.jsonl"), _paired(rec / "paired.csv")
+    b = {n: {**r, "torch_threads": 2} for n, r in a.items()}
+    n0 = sorted(b)[0]
+    b[n0] = {**b[n0], "macro_f1": b[n0]["macro_f1"] + 0.01, "confusion": [[0]]}
+    pb = dict(pa)
+    k = next(iter(pb))
+    pb[k] = {**pb[k], "macro_f1_lo": "0.5", "macro_f1_hi": "0.6"}  # now "above 0"
+    text = "\n".join(compare(a, b, pa, pb))
+    assert f"{len(a) - 1} of them have identical" in text and "| 0.0100 |" in text
+    assert f"{len(pa) - 1} fall on the same side" in text and "1 change side" in text
+    with pytest.raises(ValueError, match="share no run"):
+        compare(a, {n: {**r, "steps": -1} for n, r in b.items()}, pa, pb)
