@@ -11,9 +11,10 @@ ends with the same results as an uninterrupted one. `scratch` has no fusion, so 
 
 The run list is deterministic and `run_one(spec, ctx)` trains one run from a `RunConfig` alone
 (`ctx` only shares already-loaded data). `workers: N` trains N runs at once in spawned processes with
-`worker_threads` torch threads each: on 2 CPU cores, two one-thread runs train 1.67x the steps per
-second of one two-thread run (benchmarks/real_study/THREAD_SPEED.md). A run's numbers depend on its
-thread count (recorded as `torch_threads`), not on which process or in which order it ran.
+`worker_threads` torch threads each. On 2 CPU cores it finished whole real runs only 1.09x faster than
+one run at a time on two threads (benchmarks/real_study/WORKERS_SPEED.md); it pays off with more
+cores. A run's numbers depend on its thread count (recorded as `torch_threads`), not on which process
+or in which order it ran. Each worker process computes the frozen features it needs once for itself.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ because of the defaults or because of which images the one fixed test split happ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,16 +25,14 @@ sys.path.insert(0, str(ROOT))
 from fusion.data import load_wbc  # noqa: E402
 from fusion.splits import make_split, save_split  # noqa: E402
 from fusion.train import RunConfig, train_run  # noqa: E402
+from pretrain.utils import read_jsonl  # noqa: E402
 
 RECORD = ROOT / "benchmarks" / "real_study" / "results.jsonl"
 
 
 def study_scratch(fraction: float) -> list[dict]:
     """The recorded study's scratch rows (split seed 0) at `fraction`, for the reference row."""
-    if not RECORD.is_file():
-        return []
-    rows = [json.loads(line) for line in RECORD.read_text().splitlines() if line]
-    return [r for r in rows if r["arm"] == "scratch" and abs(r["fraction"] - fraction) < 1e-9]
+    return [r for r in read_jsonl(RECORD) if r["arm"] == "scratch" and abs(r["fraction"] - fraction) < 1e-9]
 
 
 def main() -> None:

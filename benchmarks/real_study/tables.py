@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from pretrain.utils import read_jsonl  # noqa: E402
+
 # The original study's validation numbers (its data differ): fraction -> (acc without, acc with, F1 without, F1 with)
 ORIGINAL = {0.01: (63.5, 74.1, 0.545, 0.699), 0.1: (78.7, 84.0, 0.784, 0.843),
             0.5: (90.0, 91.1, 0.901, 0.899), 1.0: (90.3, 93.0, 0.899, 0.900)}
@@ -80,7 +83,7 @@ def per_class_table(rec: Path) -> list[str]:
 
 
 def baseline_and_gap(rec: Path) -> list[str]:
-    runs = [json.loads(line) for line in (rec / "results.jsonl").read_text().splitlines() if line]
+    runs = read_jsonl(rec / "results.jsonl")
     scratch = defaultdict(list)
     for r in sorted(runs, key=lambda r: r["seed"]):
         if r["arm"] == "scratch":
@@ -108,10 +111,6 @@ STAGES = {"prcc_autoencoder": "PRCC autoencoder (389 images, 8 epochs)",
 FIRST_RUN = ("results_min_steps_400.jsonl", "timings_min_steps_400.json")  # the 2026-11-22 record
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
 def _column(stages: dict, runs: list[dict], fractions: list[float], n_per_f: dict) -> tuple[list[str], float]:
     """Stage seconds, then run seconds per fraction (scaled up from the measured runs where some were
     reused from another record, marked est.), and the total."""
@@ -133,7 +132,7 @@ def _column(stages: dict, runs: list[dict], fractions: list[float], n_per_f: dic
 def timing_table(rec: Path) -> list[str]:
     """Wall time per stage: stages from timings.json plus the sum of run seconds measured in this record
     (rows with a `source` were reused from an earlier record and are not counted), beside the first run."""
-    runs = _read_jsonl(rec / "results.jsonl")
+    runs = read_jsonl(rec / "results.jsonl")
     fresh = [r for r in runs if "source" not in r]
     fractions = sorted({r["fraction"] for r in runs})
     n_per_f = {f: sum(r["fraction"] == f for r in runs) for f in fractions}
@@ -144,7 +143,7 @@ def timing_table(rec: Path) -> list[str]:
     if not first.is_file():
         return ["| stage | seconds |", "|---|---|"] + [f"| {n} | {c} |" for n, c in zip(names + ["**total**"], now,
                                                                                        strict=True)] + [""]
-    old = _read_jsonl(first)
+    old = read_jsonl(first)
     then, total_then = _column(json.loads((rec / FIRST_RUN[1]).read_text()), old, fractions, n_per_f)
     old_by = {r["run"]: r for r in old}
     same = [r for r in fresh if r["run"] in old_by and r["steps"] == old_by[r["run"]]["steps"]]

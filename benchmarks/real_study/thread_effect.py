@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from pretrain.utils import read_jsonl  # noqa: E402
 
 
 def _jsonl(path: Path) -> dict[str, dict]:
-    import json
-
-    return {r["run"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x) if r.get("status") == "ok"}
+    return {r["run"]: r for r in read_jsonl(path) if r.get("status") == "ok"}
 
 
 def _paired(path: Path) -> dict[tuple, dict]:
