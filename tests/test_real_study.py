@@ -125,3 +125,20 @@ def test_thread_effect_reports_run_differences_and_verdict_flips():
     assert f"{len(pa) - 1} fall on the same side" in text and "1 change side" in text
     with pytest.raises(ValueError, match="share no run"):
         compare(a, {n: {**r, "steps": -1} for n, r in b.items()}, pa, pb)
+
+
+def test_one_go_check_finds_a_changed_run_and_compares_days_without_reused_rows():
+    """one_go.py: a run that differs in any compared metric is named; reused rows stay out of the speed ratio."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "real_study"))
+    from one_go import _ok, compare, seconds_by_fraction
+
+    rec = ROOT / "benchmarks" / "real_study"
+    old = _ok(rec / "results.jsonl")
+    new = _ok(rec / "one_go" / "results.jsonl")
+    both, differ = compare(new, old)
+    assert len(both) == 108 and differ == []  # the committed one-go run reproduces the record
+    n0 = sorted(new)[0]
+    changed = {**new, n0: {**new[n0], "per_class": {**new[n0]["per_class"], "x": 1.0}}}
+    assert compare(changed, old)[1] == [n0]
+    by_fraction = {f: n for f, n, _, _ in seconds_by_fraction(new, old)}
+    assert by_fraction[1.0] == 9 and by_fraction[0.01] == 27  # 18 rows reused from another day left out
