@@ -22,14 +22,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from pretrain.utils import read_jsonl  # noqa: E402
+from thread_effect import _jsonl as _ok  # noqa: E402  (finished runs by name, as thread_effect reads them)
 
 COMPARED = ("accuracy", "macro_f1", "val_macro_f1", "per_class", "confusion", "steps", "batch_size", "best_epoch")
 STAGES = ("prcc_autoencoder", "cam16_resnet", "pilot", "sweep", "report")
-
-
-def _ok(path: Path) -> dict[str, dict]:
-    return {r["run"]: r for r in read_jsonl(path) if r.get("status") == "ok"}
 
 
 def compare(new: dict[str, dict], old: dict[str, dict]) -> tuple[list[str], list[str]]:
