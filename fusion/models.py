@@ -1,8 +1,8 @@
 """The WBC classifier: a small Kaiming-initialised CNN, and the fusion model around it.
 
-`SmallCNN` is conv-BN-ReLU-maxpool blocks, global average pooling and a linear head
-(`forward_features -> (B, F)`, `forward_head -> (B, C)`). `FusionModel` adds frozen encoders
-(`encode(x) -> (B, D)`) and combines their features with the CNN in one of the `FUSIONS` modes:
+`SmallCNN` is conv-BN-maxpool-ReLU blocks (the same function as conv-BN-ReLU-maxpool, cheaper), global
+average pooling and a linear head (`forward_features -> (B, F)`, `forward_head -> (B, C)`). `FusionModel`
+adds frozen encoders (`encode(x) -> (B, D)`) and combines their features with the CNN in one of the `FUSIONS` modes:
 
 - `sum`:    each source's latent -> class logits (LayerNorm, linear), added to the CNN's logits;
 - `concat`: [CNN features, normalised source latents] -> dropout -> linear head;
@@ -33,7 +33,7 @@ class CNNConfig:
     """SmallCNN architecture.
 
     Attributes:
-        channels: output width of each conv-BN-ReLU-maxpool block; the default (32, 64, 128, 192, 256)
+        channels: output width of each conv-BN-maxpool-ReLU block; the default (32, 64, 128, 192, 256)
             has ~0.76M parameters. Inputs must be at least 2**len(channels) pixels wide.
         num_classes: number of output classes.
         dropout: dropout before the linear head.
@@ -75,7 +75,7 @@ def kaiming_init(module: nn.Module) -> None:
 
 
 class SmallCNN(nn.Module):
-    """Conv-BN-ReLU-maxpool blocks -> global average pool -> dropout -> linear."""
+    """Conv-BN-maxpool-ReLU blocks -> global average pool -> dropout -> linear."""
 
     def __init__(self, cfg: CNNConfig | None = None) -> None:
         super().__init__()
@@ -83,8 +83,11 @@ class SmallCNN(nn.Module):
         blocks: list[nn.Module] = []
         c_in = 3
         for c_out in cfg.channels:
+            # max-pool before ReLU: the same numbers, bit for bit (ReLU is monotone, so it commutes with
+            # max), with the ReLU and its backward on a 4x smaller tensor. Indices of conv/BN (4i, 4i+1)
+            # are unchanged, so older checkpoints load as they are.
             blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                       nn.MaxPool2d(2), nn.ReLU(inplace=True)]
             c_in = c_out
         self.features = nn.Sequential(*blocks)
         self.out_dim = c_in

@@ -119,10 +119,10 @@ class _Timings:
         return out
 
 
-def _pilot(cfg: dict, sweep_kw: dict, work: Path) -> dict:
-    """Candidate fusion modes on the validation split only; returns {"chosen", "candidates": {...}}."""
+def _pilot(cfg: dict, sweep_kw: dict, work: Path, features) -> dict:
+    """Candidate fusion modes on the validation split only; returns {"chosen", "candidates": {...}}.
+    `features` (a FeatureCache) keeps the frozen features it computes for the sweep."""
     from .data import load_wbc
-    from .encoders import FeatureCache
     from .splits import load_split
     from .sweep import run_name
     from .train import RunConfig, train_run
@@ -134,7 +134,6 @@ def _pilot(cfg: dict, sweep_kw: dict, work: Path) -> dict:
     base.update({"eval_test": False, "progress": False, "curves": False})
     data = load_wbc(base["data"], base.get("image_size", 48), base.get("cache_dir") or None, progress=False)
     split = load_split(base["split"])
-    features = FeatureCache()
     scores: dict[str, list[dict]] = {m: [] for m in modes}
     for mode in modes:
         for f in fractions:
@@ -167,6 +166,7 @@ def run_study(cfg: dict) -> Path:
     from pretrain.train_cam16 import Cam16Config, fit_cam16
     from pretrain.train_prcc import PRCCConfig, fit_prcc
 
+    from .encoders import FeatureCache
     from .report import make_report
     from .sweep import SweepConfig, run_sweep
 
@@ -192,14 +192,16 @@ def run_study(cfg: dict) -> Path:
                 "out": str(work / "sweep")}
     sweep_kw["split"] = str(_abs(sweep_kw.get("split", record / "split.json")))
     pilot_path = work / "pilot.json"
+    features = FeatureCache()  # frozen features, shared by the pilot and the sweep
     modes = list(sweep_kw.get("modes", ["sum"]))
     if cfg["pilot"].get("modes"):
         timings.run("pilot", pilot_path.is_file(),
-                    lambda: atomic_write_json(pilot_path, _pilot(cfg, sweep_kw, work)))
+                    lambda: atomic_write_json(pilot_path, _pilot(cfg, sweep_kw, work, features)))
         chosen = json.loads(pilot_path.read_text())["chosen"]
         modes = modes + [chosen] if chosen not in modes else modes
     sweep = SweepConfig(**{**sweep_kw, "modes": modes})
-    timings.run("sweep", False, lambda: run_sweep(sweep))  # resumes: finished runs are skipped
+    # resumes: finished runs are skipped; the pilot's frozen features are reused, not recomputed
+    timings.run("sweep", False, lambda: run_sweep(sweep, features))
     timings.run("report", False, lambda: make_report(work / "sweep"))
 
     record_sweep(work / "sweep", record)

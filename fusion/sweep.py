@@ -151,8 +151,12 @@ def _check_checkpoints(cfg: SweepConfig) -> None:
                                     f"exist; train it first (a {SOURCE_KINDS[s]!r} checkpoint) or drop those arms")
 
 
-def run_sweep(cfg: SweepConfig) -> Path:
-    """Run every missing run of the grid; return the path of `results.jsonl`."""
+def run_sweep(cfg: SweepConfig, features: FeatureCache | None = None) -> Path:
+    """Run every missing run of the grid; return the path of `results.jsonl`.
+
+    `features`: a frozen-feature cache to start from (the study passes the pilot's, so the sweep does not
+    compute the same encoders' features again); in worker mode each worker keeps its own.
+    """
     _check_checkpoints(cfg)
     out = make_run_dir(Path(cfg.out).parent, Path(cfg.out).name, overwrite=cfg.overwrite)
     save_config(cfg, out / "config.yaml")
@@ -175,7 +179,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress)
     split_path = Path(cfg.split) if cfg.split else out / "split.json"
     split = prepare_split(cfg, data, split_path, cfg.fractions)
-    ctx = SweepContext(data, split)
+    ctx = SweepContext(data, split, features if features is not None else FeatureCache())
     print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
     bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.progress,
                dynamic_ncols=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,30 @@ def test_wrong_kind_missing_path_and_size_mismatch(ckpts):
     model = FusionModel(SmallCNN(CNNConfig(channels=[8, 16], input_size=16)), enc, "sum", encoder_resize=False)
     with pytest.raises(ValueError, match="expects 32x32"):
         model(torch.rand(2, 3, 16, 16))
+
+
+def test_pool_before_relu_trains_bit_identically_to_relu_before_pool():
+    """SmallCNN pools before its ReLU (cheaper); training must match conv-BN-ReLU-pool exactly."""
+    torch.manual_seed(0)
+    new = SmallCNN(CNNConfig(channels=[8, 16, 32], input_size=24))
+    old = copy.deepcopy(new)
+    blocks = list(old.features)
+    old.features = torch.nn.Sequential(*[m for i in range(0, len(blocks), 4)
+                                         for m in (blocks[i], blocks[i + 1], blocks[i + 3], blocks[i + 2])])
+    assert isinstance(old.features[2], torch.nn.ReLU) and isinstance(new.features[2], torch.nn.MaxPool2d)
+    assert list(old.state_dict()) == list(new.state_dict())  # checkpoints stay interchangeable
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (old, new)]
+    y = torch.randint(0, 5, (16,))
+    for step in range(5):
+        x = torch.rand(16, 3, 24, 24) - 0.3  # some all-negative pooling windows too
+        losses = []
+        for m, opt in zip((old, new), opts, strict=True):
+            torch.manual_seed(step)  # the same dropout mask
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == losses[1]
+    for (k, a), b in zip(old.state_dict().items(), new.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

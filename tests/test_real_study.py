@@ -9,6 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, require_shared
 
+import fusion.encoders
 from fusion.study import SharedDataMissing, load_study_config, run_study
 
 CONFIG = ROOT / "benchmarks" / "real_study" / "config.yaml"
@@ -61,7 +62,7 @@ def test_combine_reuses_only_runs_whose_budget_is_unchanged(tmp_path):
 
 
 @pytest.mark.slow
-def test_cut_down_real_study_end_to_end(tmp_path):
+def test_cut_down_real_study_end_to_end(tmp_path, monkeypatch):
     """One seed, two fractions, two arms, short training: every stage on the real data, then a resume."""
     shared = require_shared("pbc-wbc").parent
     require_shared("cam16-patches")
@@ -71,7 +72,16 @@ def test_cut_down_real_study_end_to_end(tmp_path):
             "cam16.epochs=1", "pilot.modes=[concat]", "pilot.fractions=[0.1]",
             "sweep.fractions=[0.01,0.1]", "sweep.arms=[scratch,prcc+cam16]", "sweep.seeds=[0]",
             "sweep.min_steps=40", "sweep.max_steps=60", "sweep.evals=2", f"sweep.cache_dir={tmp_path / 'cache'}"]
+    computed = []
+    real_compute = fusion.encoders.compute_features
+
+    def counting(encoders, *args, **kwargs):
+        computed.extend(encoders)
+        return real_compute(encoders, *args, **kwargs)
+
+    monkeypatch.setattr(fusion.encoders, "compute_features", counting)
     record = run_study(load_study_config(CONFIG, sets))
+    assert sorted(computed) == ["cam16", "prcc"]  # once for the pilot, then reused by the sweep
 
     rows = [json.loads(line) for line in (record / "results.jsonl").read_text().splitlines()]
     assert sorted(r["run"] for r in rows) == sorted(

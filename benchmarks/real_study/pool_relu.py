@@ -1,0 +1,166 @@
+"""Max-pool before ReLU in SmallCNN: the same numbers as the recorded study, for less time.
+
+    .venv/bin/python benchmarks/real_study/pool_relu.py [--rounds 3] [--steps 60] [--run-rounds 2]
+
+SmallCNN's blocks were conv-BN-ReLU-maxpool; they are now conv-BN-maxpool-ReLU. ReLU is monotone, so
+it commutes with max and the two orders compute the same function and the same gradients, bit for bit;
+the ReLU and its backward then touch a 4x smaller tensor. This script shows both claims on this machine:
+
+1. Training steps, old order vs new, side by side: batch 64, 48 px, the study's widths, augmentation,
+   AdamW; the orders alternate over `--rounds` rounds of `--steps` steps (median ms/step).
+2. Whole real runs, old order vs new, side by side: the study's 10% scratch run, seed 0, alternating
+   over `--run-rounds` rounds (seconds per run).
+3. Every run it trains (old and new order, plus a 1% fused run, a 1% random-control run and the
+   100% scratch run, new order only) is compared field by field with the committed record
+   (`results.jsonl`): accuracy, macro-F1, per-class accuracy, confusion matrix, best check and
+   validation macro-F1 must be identical.
+
+Needs the real PBC images (../shared/data) and the study's encoder checkpoints in
+`runs/real_study/checkpoints` (from `make real-study`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from fusion.augment import AugConfig, augment  # noqa: E402
+from fusion.data import load_wbc  # noqa: E402
+from fusion.models import CNNConfig, SmallCNN  # noqa: E402
+from fusion.splits import load_split  # noqa: E402
+from fusion.sweep import run_name  # noqa: E402
+from fusion.train import RunConfig, train_run  # noqa: E402
+from pretrain.utils import read_jsonl  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+FIELDS = ("accuracy", "macro_f1", "per_class", "confusion", "best_epoch", "val_macro_f1", "steps")
+TIMED = (0.1, "scratch", "sum", 0)
+CHECKED = [(0.01, "prcc+cam16", "sum", 0), (0.01, "random", "concat", 0), (1.0, "scratch", "sum", 0)]
+
+
+def relu_before_pool(cnn: SmallCNN) -> SmallCNN:
+    """Put each block back in the old conv-BN-ReLU-maxpool order (same modules, same weights)."""
+    b = list(cnn.features)
+    cnn.features = torch.nn.Sequential(*[m for i in range(0, len(b), 4) for m in (b[i], b[i + 1], b[i + 3], b[i + 2])])
+    return cnn
+
+
+@contextlib.contextmanager
+def old_order():
+    """Every SmallCNN built inside is in the old order."""
+    init = SmallCNN.__init__
+
+    def patched(self, *a, **kw):
+        init(self, *a, **kw)
+        relu_before_pool(self)
+
+    SmallCNN.__init__ = patched
+    try:
+        yield
+    finally:
+        SmallCNN.__init__ = init
+
+
+def ms_per_step(old: bool, steps: int) -> float:
+    torch.manual_seed(0)
+    model = SmallCNN(CNNConfig(channels=[16, 32, 64, 128, 256], input_size=48))
+    if old:
+        relu_before_pool(model)
+    opt = torch.optim.AdamW(model.parameters(), 2e-3)
+    x, y = torch.rand(64, 3, 48, 48), torch.randint(0, 5, (64,))
+    g = torch.Generator().manual_seed(0)
+    for i in range(steps + 3):
+        if i == 3:
+            t0 = time.perf_counter()
+        loss = F.cross_entropy(model(augment(x, AugConfig(scale=(1.0, 1.0)), g)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pbc-wbc"))
+    p.add_argument("--checkpoints", default=str(ROOT / "runs" / "real_study" / "checkpoints"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--run-rounds", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "runs" / "pool_relu"))
+    args = p.parse_args()
+    if not Path(args.data).is_dir():
+        print(f"SKIP: {args.data} is absent")
+        return
+    ck = Path(args.checkpoints)
+    for name in ("prcc_autoencoder.pt", "cam16_resnet.pt"):
+        if not (ck / name).is_file():
+            sys.exit(f"{ck / name} is missing: run the study first (make real-study) or pass --checkpoints")
+
+    t_start = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("## 1. Training steps (batch 64, 48 px, widths 16-32-64-128-256, augmentation, AdamW)\n")
+    steps = {"old": [], "new": []}
+    for _ in range(args.rounds):
+        for order in ("old", "new"):
+            steps[order].append(ms_per_step(order == "old", args.steps))
+    print("| order | ms/step, each round | median |\n|---|---|---|")
+    for order, label in (("old", "conv-BN-ReLU-maxpool (old)"), ("new", "conv-BN-maxpool-ReLU (new)")):
+        print(f"| {label} | {', '.join(f'{v:.1f}' for v in steps[order])} | {statistics.median(steps[order]):.1f} |")
+    ratio = statistics.median(steps["new"]) / statistics.median(steps["old"])
+    print(f"\nnew / old, medians: **{ratio:.3f}**\n")
+
+    record = {r["run"]: r for r in read_jsonl(HERE / "results.jsonl")}
+    data = load_wbc(args.data, 48, "data/cache", progress=False)
+    split = load_split(HERE / "split.json.gz")
+
+    def run(spec, order: str) -> dict:
+        frac, arm, mode, seed = spec
+        cfg = RunConfig(data=args.data, split=str(HERE / "split.json.gz"), fraction=frac, arm=arm, mode=mode,
+                        seed=seed, prcc_checkpoint=str(ck / "prcc_autoencoder.pt"),
+                        cam16_checkpoint=str(ck / "cam16_resnet.pt"), out=f"{args.out}/{order}/{run_name(*spec)}",
+                        overwrite=True, progress=False, curves=False)
+        with old_order() if order == "old" else contextlib.nullcontext():
+            r = train_run(cfg, data=data, split=split)
+        want = record[r["run"]]
+        r["same"] = all(json.dumps(r[k]) == json.dumps(want[k]) for k in FIELDS)
+        r["order"] = order
+        return r
+
+    print("## 2. Whole real runs, side by side (10% scratch, seed 0)\n")
+    done = []
+    for _ in range(args.run_rounds):
+        for order in ("old", "new"):
+            done.append(run(TIMED, order))
+    secs = {o: [r["seconds"] for r in done if r["order"] == o] for o in ("old", "new")}
+    print("| order | seconds, each round | mean |\n|---|---|---|")
+    for o in ("old", "new"):
+        print(f"| {o} | {', '.join(f'{v:.1f}' for v in secs[o])} | {statistics.mean(secs[o]):.1f} |")
+    print(f"\nnew / old, means: **{statistics.mean(secs['new']) / statistics.mean(secs['old']):.3f}**\n")
+
+    for spec in CHECKED:
+        done.append(run(spec, "new"))
+    print("## 3. The same numbers as the record?\n")
+    print("| run | order | steps | seconds | macro-F1 | record macro-F1 | identical in " + ", ".join(FIELDS) + " |")
+    print("|---|---|---|---|---|---|---|")
+    for r in done:
+        print(f"| {r['run']} | {r['order']} | {r['steps']} | {r['seconds']:.1f} | {r['macro_f1']:.4f} | "
+              f"{record[r['run']]['macro_f1']:.4f} | {'yes' if r['same'] else '**NO**'} |")
+    n_same = sum(r["same"] for r in done)
+    print(f"\n{n_same} of {len(done)} runs identical to the record. Total {(time.perf_counter() - t_start) / 60:.1f} min.")
+    if n_same != len(done):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
