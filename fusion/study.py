@@ -199,7 +199,8 @@ def run_study(cfg: dict) -> Path:
                     lambda: atomic_write_json(pilot_path, _pilot(cfg, sweep_kw, work, features)))
         chosen = json.loads(pilot_path.read_text())["chosen"]
         modes = modes + [chosen] if chosen not in modes else modes
-    sweep = SweepConfig(**{**sweep_kw, "modes": modes})
+    # the pilot's runs of the chosen mode are sweep runs too: the sweep tests them instead of training them again
+    sweep = SweepConfig(**{**sweep_kw, "modes": modes, "val_runs": str(work / "pilot")})
     # resumes: finished runs are skipped; the pilot's frozen features are reused, not recomputed
     timings.run("sweep", False, lambda: run_sweep(sweep, features))
     timings.run("report", False, lambda: make_report(work / "sweep"))

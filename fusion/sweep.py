@@ -50,6 +50,9 @@ class SweepConfig(RunConfig):
     modes: list[str] = field(default_factory=lambda: ["sum"], metadata={"help": f"subset of {list(FUSIONS)}"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     progress_runs: bool = field(default=False, metadata={"help": "also show each run's epoch bar"})
+    val_runs: str = field(default="", metadata={
+        "help": "folder of validation-only runs named like the sweep's (the study's pilot): a sweep run found "
+                "there with the same settings is tested from its weights instead of trained again"})
     workers: int = field(default=1, metadata={"help": "runs trained at once, each in its own process with "
                                                      "`worker_threads` torch threads; 1 = in this process"})
     worker_threads: int = field(default=1, metadata={"help": "torch threads per worker process (workers > 1). "
@@ -95,9 +98,11 @@ def run_specs(cfg: SweepConfig) -> list[RunConfig]:
             for arm in cfg.arms:
                 for mode in (cfg.modes[:1] if arm == "scratch" else cfg.modes):
                     name = run_name(fraction, arm, mode, seed)
+                    twin = Path(cfg.val_runs) / name if cfg.val_runs else None
                     specs.append(RunConfig(**{**base, "fraction": float(fraction), "arm": arm, "mode": mode,
                                               "seed": int(seed), "out": str(Path(cfg.out) / "runs" / name),
-                                              "overwrite": False, "progress": cfg.progress_runs}))
+                                              "overwrite": False, "progress": cfg.progress_runs,
+                                              "val_run": str(twin) if twin and twin.is_dir() else ""}))
     return specs
 
 

@@ -26,11 +26,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoint import save_checkpoint
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.config import start_run, to_plain
-from pretrain.engine import NonFiniteLossError, autocast, fit, train_one_epoch
+from pretrain.engine import FitResult, NonFiniteLossError, autocast, fit, train_one_epoch
 from pretrain.plots import plot_curves
-from pretrain.utils import atomic_write_json, count_parameters, get_device, make_run_dir, seed_everything
+from pretrain.utils import (
+    atomic_write_json,
+    count_parameters,
+    get_device,
+    make_run_dir,
+    read_jsonl,
+    seed_everything,
+)
 
 from .augment import AugConfig, augment
 from .data import CLASSES, WBCData, load_wbc
@@ -104,6 +111,9 @@ class RunConfig:
                                                            "tuning runs, which must see validation only"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch default"})
     out: str = field(default="runs/run", metadata={"help": "run folder"})
+    val_run: str = field(default="", metadata={
+        "help": "folder of a finished validation-only run (eval_test false) of this same config, e.g. the "
+                "study's pilot: its chosen weights are tested instead of training again ('' = train)"})
     overwrite: bool = field(default=False, metadata={"help": "empty an existing run folder first"})
     progress: bool = True
     curves: bool = field(default=True, metadata={"help": "write curves.png (about a second per run on CPU)"})
@@ -263,6 +273,33 @@ def _finished(run_dir: Path) -> dict | None:
     return None
 
 
+# fields that may differ between a validation-only run and the run that reuses it (`val_run`)
+_TWIN_FREE = ("out", "eval_test", "progress", "curves", "overwrite", "val_run")
+
+
+def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
+    """The training outcome of `cfg.val_run`, when it is a finished validation-only run of the same config
+    (every field but `_TWIN_FREE`); its log is copied into `run_dir`. None (train as usual) otherwise."""
+    src = Path(cfg.val_run)
+    done = _finished(src)
+    if done is None or done.get("status") != "val_only" or not (src / "best.pt").is_file():
+        print(f"{run_dir.name}: {src} holds no finished validation-only run; training it")
+        return None
+    ckpt = load_checkpoint(src / "best.pt", kind="wbc_fusion")
+    mine = {k: v for k, v in to_plain(cfg).items() if k not in _TWIN_FREE}
+    theirs = {k: v for k, v in ckpt.get("train", {}).items() if k not in _TWIN_FREE}
+    if mine != theirs:
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        print(f"{run_dir.name}: {src} was trained with other settings ({', '.join(diff)}); training it")
+        return None
+    history = read_jsonl(src / "log.jsonl")
+    (run_dir / "log.jsonl").write_text((src / "log.jsonl").read_text())
+    return FitResult(best_epoch=done["best_epoch"], best={"val_macro_f1": done["val_macro_f1"],
+                                                          "val_acc": done["val_acc"]},
+                     history=history, best_state=ckpt["model"], stopped_early=done["stopped_early"],
+                     seconds=done["seconds"])
+
+
 def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.PathLike | None = None,
               split: dict | None = None, features: FeatureCache | None = None) -> dict:
     """Train one run and return its result dict (also written to `run_dir/metrics.json`).
@@ -346,8 +383,9 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
             "seed": int(cfg.seed), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
             "n_test": int(len(test_rows)), "trainable_params": count_parameters(model, trainable_only=True),
             "image_size": cfg.image_size, "encoder_features": cfg.encoder_features}
+    twin = _val_only_twin(cfg, run_dir) if cfg.val_run else None
     try:
-        res = fit(model, epochs=epochs, train_epoch=train_epoch, validate=validate, optimizer=optimizer,
+        res = twin or fit(model, epochs=epochs, train_epoch=train_epoch, validate=validate, optimizer=optimizer,
                   monitor="val_macro_f1", mode="max", plateau_patience=None,
                   early_stop=cfg.early_stop or None, log_path=run_dir / "log.jsonl",
                   progress=cfg.progress, desc=f"{cfg.arm}/{cfg.mode} f={cfg.fraction} s={cfg.seed}")
@@ -358,6 +396,8 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         return result
 
     model.load_state_dict(res.best_state)
+    if twin is not None:
+        base["val_run"] = cfg.val_run
     result = {**base, "status": "ok", "best_epoch": res.best_epoch, "val_macro_f1": res.best.get("val_macro_f1"),
               "val_acc": res.best.get("val_acc"), "epochs_run": len(res.history),
               "steps": len(res.history) * steps, "batch_size": bs, "stopped_early": res.stopped_early}
@@ -379,7 +419,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                     metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
                     data={"source": data.root, "n_train": len(train_rows), "fraction": cfg.fraction},
                     train=cfg)
-    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["seconds"] = round(time.perf_counter() - t0 + (twin.seconds if twin is not None else 0.0), 2)
     result["torch_threads"] = torch.get_num_threads()  # CPU numbers depend on it (summation order)
     atomic_write_json(run_dir / "metrics.json", to_plain(result))
     return result

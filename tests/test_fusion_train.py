@@ -69,6 +69,32 @@ def test_same_seed_same_metrics_and_resume(env, tmp_path):
     assert redo["macro_f1"] == a["macro_f1"] and log.stat().st_mtime_ns != stamp
 
 
+def test_a_validation_only_run_is_tested_not_trained_again(env, tmp_path, monkeypatch):
+    """`val_run` (the study's pilot): the same numbers as training afresh, without training."""
+    kw = {"arm": "prcc+cam16", "mode": "concat"}
+    train_run(_cfg(env, tmp_path, **kw, eval_test=False, out=str(tmp_path / "pilot")), data=env["data"])
+    fresh = train_run(_cfg(env, tmp_path, **kw, out=str(tmp_path / "fresh")), data=env["data"])
+    import fusion.train
+
+    real_fit = fusion.train.fit
+    monkeypatch.setattr(fusion.train, "fit", lambda *a, **k: pytest.fail("a reused run was trained"))
+    reused = train_run(_cfg(env, tmp_path, **kw, out=str(tmp_path / "reused"), val_run=str(tmp_path / "pilot")),
+                       data=env["data"])
+    for k in ("accuracy", "macro_f1", "per_class", "confusion", "test_loss", "best_epoch", "val_macro_f1",
+              "val_acc", "epochs_run", "steps"):
+        assert reused[k] == fresh[k], k
+    assert reused["val_run"] == str(tmp_path / "pilot") and (tmp_path / "reused" / "log.jsonl").is_file()
+    assert build_model(load_checkpoint(tmp_path / "reused" / "best.pt", kind="wbc_fusion"))
+
+    # other settings, or a folder without a validation-only run: trained as usual
+    monkeypatch.setattr(fusion.train, "fit", real_fit)
+    other = train_run(_cfg(env, tmp_path, **kw, lr=1e-3, out=str(tmp_path / "other"),
+                           val_run=str(tmp_path / "pilot")), data=env["data"])
+    missing = train_run(_cfg(env, tmp_path, **kw, out=str(tmp_path / "missing"), val_run=str(tmp_path / "fresh")),
+                        data=env["data"])
+    assert "val_run" not in other and "val_run" not in missing and missing["macro_f1"] == fresh["macro_f1"]
+
+
 def test_encoder_weights_identical_after_fusion_training(env):
     """Online mode (encoders run on every augmented batch): weights and BN statistics unchanged."""
     encoders = load_arm_encoders("prcc+cam16", env["ckpt"], image_size=16)

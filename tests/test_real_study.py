@@ -88,6 +88,8 @@ def test_cut_down_real_study_end_to_end(tmp_path, monkeypatch):
         f"f{f}_{a}_s0" for f in ("0.01", "0.1") for a in ("scratch", "prcc+cam16_sum", "prcc+cam16_concat"))
     assert all(r["status"] == "ok" for r in rows)
     assert {r["n_train"] for r in rows} == {59, 577}  # the committed split's fractions
+    reused = [r["run"] for r in rows if r.get("val_run")]
+    assert reused == ["f0.1_prcc+cam16_concat_s0"]  # the pilot's run: tested, not trained again
     scratch10 = next(r for r in rows if r["run"] == "f0.1_scratch_s0")
     assert scratch10["macro_f1"] > 0.5  # 60 steps on real cells already beat chance (0.2) by far
     pilot = json.loads((record / "pilot.json").read_text())

@@ -1,6 +1,6 @@
 """Max-pool before ReLU in SmallCNN: the same numbers as the recorded study, for less time.
 
-    .venv/bin/python benchmarks/real_study/pool_relu.py [--rounds 3] [--steps 60] [--run-rounds 2]
+    .venv/bin/python benchmarks/real_study/pool_relu.py [--rounds 7] [--steps 60] [--run-rounds 2]
 
 SmallCNN's blocks were conv-BN-ReLU-maxpool; they are now conv-BN-maxpool-ReLU. ReLU is monotone, so
 it commutes with max and the two orders compute the same function and the same gradients, bit for bit;
@@ -8,8 +8,9 @@ the ReLU and its backward then touch a 4x smaller tensor. This script shows both
 
 1. Training steps, old order vs new, side by side: batch 64, 48 px, the study's widths, augmentation,
    AdamW; the orders alternate over `--rounds` rounds of `--steps` steps (median ms/step).
-2. Whole real runs, old order vs new, side by side: the study's 10% scratch run, seed 0, alternating
-   over `--run-rounds` rounds (seconds per run).
+2. Whole real runs, old order vs new, side by side: the study's 10% scratch run, seed 0, in
+   `--run-rounds` rounds of old-new-new-old (so a steady drift of the machine's speed cancels);
+   wall seconds and process CPU seconds per run.
 3. Every run it trains (old and new order, plus a 1% fused run, a 1% random-control run and the
    100% scratch run, new order only) is compared field by field with the committed record
    (`results.jsonl`): accuracy, macro-F1, per-class accuracy, confusion matrix, best check and
@@ -94,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pbc-wbc"))
     p.add_argument("--checkpoints", default=str(ROOT / "runs" / "real_study" / "checkpoints"))
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--run-rounds", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "runs" / "pool_relu"))
@@ -118,7 +119,7 @@ def main() -> None:
     for order, label in (("old", "conv-BN-ReLU-maxpool (old)"), ("new", "conv-BN-maxpool-ReLU (new)")):
         print(f"| {label} | {', '.join(f'{v:.1f}' for v in steps[order])} | {statistics.median(steps[order]):.1f} |")
     ratio = statistics.median(steps["new"]) / statistics.median(steps["old"])
-    print(f"\nnew / old, medians: **{ratio:.3f}**\n")
+    print(f"\nnew / old, medians: **{ratio:.3f}**\n", flush=True)
 
     record = {r["run"]: r for r in read_jsonl(HERE / "results.jsonl")}
     data = load_wbc(args.data, 48, "data/cache", progress=False)
@@ -130,23 +131,29 @@ def main() -> None:
                         seed=seed, prcc_checkpoint=str(ck / "prcc_autoencoder.pt"),
                         cam16_checkpoint=str(ck / "cam16_resnet.pt"), out=f"{args.out}/{order}/{run_name(*spec)}",
                         overwrite=True, progress=False, curves=False)
+        cpu = time.process_time()
         with old_order() if order == "old" else contextlib.nullcontext():
             r = train_run(cfg, data=data, split=split)
+        r["cpu"] = time.process_time() - cpu
         want = record[r["run"]]
         r["same"] = all(json.dumps(r[k]) == json.dumps(want[k]) for k in FIELDS)
         r["order"] = order
         return r
 
-    print("## 2. Whole real runs, side by side (10% scratch, seed 0)\n")
+    print("## 2. Whole real runs, side by side (10% scratch, seed 0; order old, new, new, old per round)\n")
     done = []
     for _ in range(args.run_rounds):
-        for order in ("old", "new"):
+        for order in ("old", "new", "new", "old"):
             done.append(run(TIMED, order))
-    secs = {o: [r["seconds"] for r in done if r["order"] == o] for o in ("old", "new")}
-    print("| order | seconds, each round | mean |\n|---|---|---|")
+    print("| order | wall s, in run order | mean | CPU s, in run order | mean |\n|---|---|---|---|---|")
+    mean = {}
     for o in ("old", "new"):
-        print(f"| {o} | {', '.join(f'{v:.1f}' for v in secs[o])} | {statistics.mean(secs[o]):.1f} |")
-    print(f"\nnew / old, means: **{statistics.mean(secs['new']) / statistics.mean(secs['old']):.3f}**\n")
+        wall, cpu = [r["seconds"] for r in done if r["order"] == o], [r["cpu"] for r in done if r["order"] == o]
+        mean[o] = (statistics.mean(wall), statistics.mean(cpu))
+        print(f"| {o} | {', '.join(f'{v:.1f}' for v in wall)} | {mean[o][0]:.1f} | "
+              f"{', '.join(f'{v:.1f}' for v in cpu)} | {mean[o][1]:.1f} |")
+    print(f"\nnew / old, means: wall **{mean['new'][0] / mean['old'][0]:.3f}**, "
+          f"CPU **{mean['new'][1] / mean['old'][1]:.3f}**\n", flush=True)
 
     for spec in CHECKED:
         done.append(run(spec, "new"))
