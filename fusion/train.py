@@ -419,7 +419,10 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                     metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
                     data={"source": data.root, "n_train": len(train_rows), "fraction": cfg.fraction},
                     train=cfg)
-    result["seconds"] = round(time.perf_counter() - t0 + (twin.seconds if twin is not None else 0.0), 2)
+    # this call only: a reused run's training time belongs to the pilot, and is not counted twice
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if twin is not None:
+        result["val_run_seconds"] = round(twin.seconds, 2)
     result["torch_threads"] = torch.get_num_threads()  # CPU numbers depend on it (summation order)
     atomic_write_json(run_dir / "metrics.json", to_plain(result))
     return result

@@ -84,6 +84,7 @@ def test_a_validation_only_run_is_tested_not_trained_again(env, tmp_path, monkey
               "val_acc", "epochs_run", "steps"):
         assert reused[k] == fresh[k], k
     assert reused["val_run"] == str(tmp_path / "pilot") and (tmp_path / "reused" / "log.jsonl").is_file()
+    assert reused["val_run_seconds"] > 0 and "val_run_seconds" not in fresh
     assert build_model(load_checkpoint(tmp_path / "reused" / "best.pt", kind="wbc_fusion"))
 
     # other settings, or a folder without a validation-only run: trained as usual
