@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import CheckpointError, load_encoder, register_kind
+from pretrain.utils import eval_batches
 
 from .models import CNNConfig, FusionModel, SmallCNN, resize_for_encoder
 
@@ -103,8 +104,8 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def _encode_all(enc: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
                 resize: bool, name: str) -> torch.Tensor:
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+    for i, j in eval_batches(len(images), batch_size):
+        x = images[i:j].to(device, non_blocking=True).float().div_(255)
         out.append(enc.encode(resize_for_encoder(enc, x, resize, name)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, int(enc.out_dim))
 

@@ -33,6 +33,7 @@ from pretrain.plots import plot_curves
 from pretrain.utils import (
     atomic_write_json,
     count_parameters,
+    eval_batches,
     get_device,
     make_run_dir,
     read_jsonl,
@@ -106,7 +107,9 @@ class RunConfig:
                 "every augmented batch"})
     device: str = "auto"
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA"})
-    eval_batch_size: int = 512
+    eval_batch_size: int = field(default=128, metadata={
+        "help": "images per batch for validation, test and frozen features (the same numbers at any size; "
+                "128 is about twice as fast as 512 on a CPU, benchmarks/real_study/EVAL_BATCH.md)"})
     eval_test: bool = field(default=True, metadata={"help": "evaluate the test split at the end; false for "
                                                            "tuning runs, which must see validation only"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch default"})
@@ -214,8 +217,8 @@ def predict(model: FusionModel, images: torch.Tensor, feats: dict[str, torch.Ten
     """Logits (N, C) float32 CPU for `rows`, and the mean gate weights (gated mode) over them."""
     model.eval()
     out, gates, n = [], None, 0
-    for i in range(0, len(rows), batch_size):
-        r = torch.as_tensor(rows[i:i + batch_size])
+    for i, j in eval_batches(len(rows), batch_size):  # no lone last image: the same logits at any batch size
+        r = torch.as_tensor(rows[i:j])
         x = images[r].to(device).float().div_(255)
         with autocast(device, amp):
             logits = model(x, {s: f[r].to(device) for s, f in feats.items()} or None)

@@ -161,5 +161,17 @@ def fingerprint_files(paths: Iterable[str | os.PathLike], root: str | os.PathLik
     return h.hexdigest()[:16]
 
 
+def eval_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive batches over n items for inference. A lone last item joins the batch
+    before it: on a CPU a batch of one takes another kernel path and can change the last bits of its
+    output, while any other batch size gives the same numbers (benchmarks/real_study/EVAL_BATCH.md)."""
+    starts = list(range(0, n, max(1, batch_size)))
+    if not starts:
+        return []
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n], strict=True))
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -17,6 +17,7 @@ from pretrain.utils import (
     append_jsonl,
     atomic_path,
     atomic_write_json,
+    eval_batches,
     fingerprint_files,
     get_device,
     read_jsonl,
@@ -56,6 +57,13 @@ def test_atomic_path_keeps_old_on_error(tmp_path):
             raise RuntimeError("killed")
     assert json.loads(p.read_text()) == {"a": 1}
     assert [x.name for x in p.parent.iterdir()] == ["f.json"]
+
+
+def test_eval_batches_never_leave_a_lone_last_item():
+    assert eval_batches(257, 128) == [(0, 128), (128, 257)]
+    assert eval_batches(258, 128) == [(0, 128), (128, 256), (256, 258)]
+    assert eval_batches(256, 128) == [(0, 128), (128, 256)]
+    assert eval_batches(1, 128) == [(0, 1)] and eval_batches(0, 128) == []
 
 
 def test_jsonl_ignores_truncated_last_line(tmp_path):

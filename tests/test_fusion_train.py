@@ -10,7 +10,7 @@ from fusion_fakes import synthetic_wbc, tiny_checkpoints, use_tiny_cam16
 
 from fusion.encoders import load_arm_encoders
 from fusion.models import CNNConfig, FusionModel, SmallCNN
-from fusion.train import RunConfig, _Feeder, plan_steps, recalibrate_bn, train_run, warmup_cosine
+from fusion.train import RunConfig, _Feeder, plan_steps, predict, recalibrate_bn, train_run, warmup_cosine
 from pretrain.checkpoint import build_model, load_checkpoint
 from pretrain.engine import train_one_epoch
 
@@ -166,6 +166,19 @@ def test_warmup_cosine_schedule_shape():
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0)
     assert lrs.index(max(lrs)) == 9 and lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))  # monotone decay after warm-up
+
+
+def test_predictions_do_not_depend_on_the_eval_batch_size():
+    """eval_batch_size is a speed knob only (EVAL_BATCH.md): the same logits, bit for bit, at any size.
+    257 rows leave a lone image at 128 and 64, which alone would take another kernel path."""
+    torch.manual_seed(0)
+    model = FusionModel(SmallCNN(CNNConfig(channels=[8, 16, 32], input_size=24)), {})
+    images = torch.randint(0, 256, (300, 3, 24, 24), dtype=torch.uint8)
+    rows = torch.randperm(300)[:257].numpy()
+    ref, _ = predict(model, images, {}, rows, torch.device("cpu"), 512)
+    for bs in (128, 64, 7):
+        assert torch.equal(predict(model, images, {}, rows, torch.device("cpu"), bs)[0], ref), bs
+    assert RunConfig().eval_batch_size == 128
 
 
 def test_recalibrate_bn_uses_exact_clean_statistics():
