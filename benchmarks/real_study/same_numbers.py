@@ -11,7 +11,9 @@ image's result does not depend on the others in eval mode; smaller batches stay 
 "old" runs with `eval_batch_size=512`.
 
 1. The change in isolation, side by side. pool-relu: training steps (batch 64, 48 px, the study's
-   widths, augmentation, AdamW), the orders alternating over `--rounds` rounds of `--steps` steps.
+   widths, augmentation, AdamW) of two models, one per order, taking turns step by step for `--steps`
+   steps each, so both meet the same machine speed (on this shared machine it swings by a third
+   within minutes).
    eval-batch: `predict` on the validation split with a trained model, and the frozen features of
    2,048 images (pretrained and random encoders), at both batch sizes in turn, outputs compared exactly.
 2. Whole real runs, old vs new, side by side: the study's 10% scratch run, seed 0, in `--run-rounds`
@@ -81,22 +83,28 @@ def old_order():
         SmallCNN.__init__ = init
 
 
-def ms_per_step(old: bool, steps: int) -> float:
-    torch.manual_seed(0)
-    model = SmallCNN(CNNConfig(channels=[16, 32, 64, 128, 256], input_size=48))
-    if old:
-        relu_before_pool(model)
-    opt = torch.optim.AdamW(model.parameters(), 2e-3)
+def step_times(steps: int) -> dict[str, list[float]]:
+    """Milliseconds of each training step of two identical models, old order and new, stepped in turn
+    (which goes first alternates), so both meet the same machine speed at every moment."""
+    models, opts, gens = {}, {}, {}
+    for order in ("old", "new"):
+        torch.manual_seed(0)
+        m = SmallCNN(CNNConfig(channels=[16, 32, 64, 128, 256], input_size=48))
+        models[order] = relu_before_pool(m) if order == "old" else m
+        opts[order] = torch.optim.AdamW(m.parameters(), 2e-3)
+        gens[order] = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 3, 48, 48), torch.randint(0, 5, (64,))
-    g = torch.Generator().manual_seed(0)
-    for i in range(steps + 3):
-        if i == 3:
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for i in range(steps + 5):
+        for order in (("old", "new") if i % 2 == 0 else ("new", "old")):
             t0 = time.perf_counter()
-        loss = F.cross_entropy(model(augment(x, AugConfig(scale=(1.0, 1.0)), g)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / steps * 1000
+            loss = F.cross_entropy(models[order](augment(x, AugConfig(scale=(1.0, 1.0)), gens[order])), y)
+            opts[order].zero_grad()
+            loss.backward()
+            opts[order].step()
+            if i >= 5:  # warm-up
+                times[order].append((time.perf_counter() - t0) * 1000)
+    return times
 
 
 def eval_batch_check(data, split, ck: Path, rounds: int) -> None:
@@ -140,8 +148,8 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pbc-wbc"))
     p.add_argument("--change", choices=sorted(LABELS), required=True)
     p.add_argument("--checkpoints", default=str(ROOT / "runs" / "real_study" / "checkpoints"))
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=7, help="eval-batch: alternating rounds of predict()")
+    p.add_argument("--steps", type=int, default=400, help="pool-relu: timed training steps per order")
     p.add_argument("--run-rounds", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "runs" / "same_numbers"))
     args = p.parse_args()
@@ -161,16 +169,17 @@ def main() -> None:
     split = load_split(HERE / "split.json.gz")
     if args.change == "pool-relu":
         print("## 1. Training steps (batch 64, 48 px, widths 16-32-64-128-256, augmentation, AdamW)\n")
-        steps = {"old": [], "new": []}
-        for _ in range(args.rounds):
-            for order in ("old", "new"):
-                steps[order].append(ms_per_step(order == "old", args.steps))
-        print("| order | ms/step, each round | median |\n|---|---|---|")
+        print(f"Two models, one per order, take turns step by step: {args.steps} timed steps each.\n")
+        t = step_times(args.steps)
+        pair = [n / o for o, n in zip(t["old"], t["new"], strict=True)]
+        print("| order | median ms/step | mean ms/step | quartiles |\n|---|---|---|---|")
         for order in ("old", "new"):
-            print(f"| {labels[order]} | {', '.join(f'{v:.1f}' for v in steps[order])} | "
-                  f"{statistics.median(steps[order]):.1f} |")
-        ratio = statistics.median(steps["new"]) / statistics.median(steps["old"])
-        print(f"\nnew / old, medians: **{ratio:.3f}**\n", flush=True)
+            q = statistics.quantiles(t[order], n=4)
+            print(f"| {labels[order]} | {statistics.median(t[order]):.1f} | {statistics.mean(t[order]):.1f} | "
+                  f"{q[0]:.1f}-{q[2]:.1f} |")
+        print(f"\nnew / old: total time **{sum(t['new']) / sum(t['old']):.3f}**; median of the step-by-step "
+              f"ratios {statistics.median(pair):.3f}; the new step was faster in {sum(r < 1 for r in pair)} of "
+              f"{len(pair)} pairs\n", flush=True)
     else:
         print("## 1. Evaluation and frozen features at batch 512 and 128\n")
         eval_batch_check(data, split, ck, args.rounds)
