@@ -22,11 +22,15 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
 from pretrain.utils import atomic_write_json
+
+if TYPE_CHECKING:
+    from .encoders import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_FILES = {"report.md": "report.md", "results.csv": "results.csv", "per_class.csv": "per_class.csv",
@@ -119,7 +123,7 @@ class _Timings:
         return out
 
 
-def _pilot(cfg: dict, sweep_kw: dict, work: Path, features) -> dict:
+def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dict:
     """Candidate fusion modes on the validation split only; returns {"chosen", "candidates": {...}}.
     `features` (a FeatureCache) keeps the frozen features it computes for the sweep."""
     from .data import load_wbc

@@ -35,7 +35,7 @@ from .models import FUSIONS
 from .splits import fraction_key, load_split
 from .train import RunConfig, prepare_split, train_run
 
-RUN_ONLY = ("fraction", "arm", "mode", "seed")  # RunConfig fields the sweep sets per run
+RUN_ONLY = ("fraction", "arm", "mode", "seed", "val_run")  # RunConfig fields the sweep sets per run
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -295,8 +296,8 @@ def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
         diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         print(f"{run_dir.name}: {src} was trained with other settings ({', '.join(diff)}); training it")
         return None
-    history = read_jsonl(src / "log.jsonl")
-    (run_dir / "log.jsonl").write_text((src / "log.jsonl").read_text())
+    shutil.copyfile(src / "log.jsonl", run_dir / "log.jsonl")
+    history = read_jsonl(run_dir / "log.jsonl")
     return FitResult(best_epoch=done["best_epoch"], best={"val_macro_f1": done["val_macro_f1"],
                                                           "val_acc": done["val_acc"]},
                      history=history, best_state=ckpt["model"], stopped_early=done["stopped_early"],

@@ -165,12 +165,10 @@ def eval_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, stop) of consecutive batches over n items for inference. A lone last item joins the batch
     before it: on a CPU a batch of one takes another kernel path and can change the last bits of its
     output, while any other batch size gives the same numbers (benchmarks/real_study/EVAL_BATCH.md)."""
-    starts = list(range(0, n, max(1, batch_size)))
-    if not starts:
-        return []
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return list(zip(starts, starts[1:] + [n], strict=True))
+    bounds = [*range(0, n, max(1, batch_size)), n]
+    if len(bounds) > 2 and n - bounds[-2] == 1:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

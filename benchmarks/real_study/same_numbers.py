@@ -107,6 +107,21 @@ def step_times(steps: int) -> dict[str, list[float]]:
     return times
 
 
+def pool_relu_check(steps: int, labels: dict[str, str]) -> None:
+    """Training steps, old order against new, interleaved step by step."""
+    print(f"Two models, one per order, take turns step by step: {steps} timed steps each.\n")
+    t = step_times(steps)
+    pair = [n / o for o, n in zip(t["old"], t["new"], strict=True)]
+    print("| order | median ms/step | mean ms/step | quartiles |\n|---|---|---|---|")
+    for order in ("old", "new"):
+        q = statistics.quantiles(t[order], n=4)
+        print(f"| {labels[order]} | {statistics.median(t[order]):.1f} | {statistics.mean(t[order]):.1f} | "
+              f"{q[0]:.1f}-{q[2]:.1f} |")
+    print(f"\nnew / old: total time **{sum(t['new']) / sum(t['old']):.3f}**; median of the step-by-step "
+          f"ratios {statistics.median(pair):.3f}; the new step was faster in {sum(r < 1 for r in pair)} of "
+          f"{len(pair)} pairs\n", flush=True)
+
+
 def eval_batch_check(data, split, ck: Path, rounds: int) -> None:
     """predict() on the validation split and frozen features, batch 512 against 128, in turn."""
     images = images_to_tensor(data.images)
@@ -169,17 +184,7 @@ def main() -> None:
     split = load_split(HERE / "split.json.gz")
     if args.change == "pool-relu":
         print("## 1. Training steps (batch 64, 48 px, widths 16-32-64-128-256, augmentation, AdamW)\n")
-        print(f"Two models, one per order, take turns step by step: {args.steps} timed steps each.\n")
-        t = step_times(args.steps)
-        pair = [n / o for o, n in zip(t["old"], t["new"], strict=True)]
-        print("| order | median ms/step | mean ms/step | quartiles |\n|---|---|---|---|")
-        for order in ("old", "new"):
-            q = statistics.quantiles(t[order], n=4)
-            print(f"| {labels[order]} | {statistics.median(t[order]):.1f} | {statistics.mean(t[order]):.1f} | "
-                  f"{q[0]:.1f}-{q[2]:.1f} |")
-        print(f"\nnew / old: total time **{sum(t['new']) / sum(t['old']):.3f}**; median of the step-by-step "
-              f"ratios {statistics.median(pair):.3f}; the new step was faster in {sum(r < 1 for r in pair)} of "
-              f"{len(pair)} pairs\n", flush=True)
+        pool_relu_check(args.steps, labels)
     else:
         print("## 1. Evaluation and frozen features at batch 512 and 128\n")
         eval_batch_check(data, split, ck, args.rounds)
