@@ -6,7 +6,8 @@ pilot (validation only) -> fraction sweep -> report, with the wall time of each 
 The study config is YAML with the sections `prcc` (PRCCConfig), `cam16` (Cam16Config), `pilot` and
 `sweep` (SweepConfig); strings may use `{shared}` (the shared data folder) and `{work}`. Checkpoints
 and run folders go under `work` (git-ignored); the small outputs worth keeping (report, CSVs, plots,
-results.jsonl, the pilot's choice, timings, machine) are copied into `record`.
+results.jsonl, the pilot's choice, timings, machine, and the machine's speed at the start and the end
+(`speed.json`, see `fusion.speed`)) are copied into `record`.
 
 Every stage is skipped when its output exists, so rerunning the same command after an interruption
 continues where it stopped. The pilot picks the fusion mode (besides `sum`) from the candidates by
@@ -123,6 +124,18 @@ class _Timings:
         return out
 
 
+def _probe_speed(path: Path, at: str) -> None:
+    """Append this machine's CPU speed now (ms per WBC CNN training step, `fusion.speed`) to `path`:
+    a wall time on a shared machine only means something beside the speed the machine ran at."""
+    from .speed import speed_probe
+
+    probes = json.loads(path.read_text()) if path.is_file() else []
+    probes.append({"at": at, **speed_probe()})
+    atomic_write_json(path, probes)
+    print(f"[study] machine speed ({at}): {probes[-1]['ms_per_step']} ms per CPU training step of the WBC CNN "
+          f"(48 px, batch 64)", flush=True)
+
+
 def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dict:
     """Candidate fusion modes on the validation split only; returns {"chosen", "candidates": {...}}.
     `features` (a FeatureCache) keeps the frozen features it computes for the sweep."""
@@ -184,6 +197,7 @@ def run_study(cfg: dict) -> Path:
     cfg = _resolve(copy.deepcopy(cfg), {"shared": str(shared), "work": str(work)})
     ckpt = {"prcc": work / "checkpoints" / "prcc_autoencoder.pt", "cam16": work / "checkpoints" / "cam16_resnet.pt"}
     timings = _Timings(work / "timings.json")
+    _probe_speed(work / "speed.json", "start")
 
     prcc = PRCCConfig(**{**cfg["prcc"], "out": str(ckpt["prcc"]), "run_dir": str(work / "prcc")})
     timings.run("prcc_autoencoder", ckpt["prcc"].is_file() and (work / "prcc" / "metrics.json").is_file(),
@@ -209,12 +223,14 @@ def run_study(cfg: dict) -> Path:
     timings.run("sweep", False, lambda: run_sweep(sweep, features))
     timings.run("report", False, lambda: make_report(work / "sweep"))
 
+    _probe_speed(work / "speed.json", "end")
     record_sweep(work / "sweep", record)
     for stage in ("prcc", "cam16"):
         if (work / stage / "metrics.json").is_file():
             shutil.copy2(work / stage / "metrics.json", record / f"{stage}_metrics.json")
-    if pilot_path.is_file():
-        shutil.copy2(pilot_path, record / "pilot.json")
+    for name in ("pilot.json", "speed.json"):
+        if (work / name).is_file():
+            shutil.copy2(work / name, record / name)
     runs = [json.loads(line) for line in (work / "sweep" / "results.jsonl").read_text().splitlines() if line]
     timings.data["sweep_runs_sum"] = {"seconds": round(sum(r.get("seconds", 0) for r in runs), 1),
                                       "runs": len(runs)}

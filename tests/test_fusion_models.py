@@ -154,3 +154,12 @@ def test_pool_before_relu_trains_bit_identically_to_relu_before_pool():
         assert losses[0] == losses[1]
     for (k, a), b in zip(old.state_dict().items(), new.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_speed_probe_reports_the_median_step_time_of_its_config():
+    from fusion.speed import speed_probe
+
+    p = speed_probe(size=16, widths=(4, 8), repeats=3, steps=2)
+    assert len(p["all"]) == 3 and all(t > 0 for t in p["all"])
+    assert p["ms_per_step"] == sorted(p["all"])[1]
+    assert (p["image_size"], p["widths"], p["threads"]) == (16, [4, 8], torch.get_num_threads())

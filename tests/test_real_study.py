@@ -101,11 +101,14 @@ def test_cut_down_real_study_end_to_end(tmp_path, monkeypatch):
     assert not (record / "config.yaml").exists()  # the sweep's config is recorded as sweep_config.yaml
     timings = json.loads((record / "timings.json").read_text())
     assert {"prcc_autoencoder", "cam16_resnet", "pilot", "sweep", "report"} <= set(timings)
+    speed = json.loads((record / "speed.json").read_text())  # the machine's speed beside the wall time
+    assert [p["at"] for p in speed] == ["start", "end"] and all(p["ms_per_step"] > 0 for p in speed)
 
     run_study(load_study_config(CONFIG, sets))  # resume: nothing is trained again
     again = json.loads((record / "timings.json").read_text())
     assert again["prcc_autoencoder"] == timings["prcc_autoencoder"] and again["pilot"] == timings["pilot"]
     assert len((record / "results.jsonl").read_text().splitlines()) == len(rows)
+    assert [p["at"] for p in json.loads((record / "speed.json").read_text())] == ["start", "end", "start", "end"]
 
 
 def test_results_tables_regenerate_from_the_committed_record():

@@ -6,7 +6,8 @@
 
 `--record` is the record folder of a fresh `run.py` invocation (its own work dir and cache, nothing
 reused); `--wall-seconds` is what an outside stopwatch (`/usr/bin/time`) measured for that whole
-invocation. Every run present in both records is compared on the metrics `combine.py` compares; with
+invocation. The machine's speed probes (`speed.json`, when the record has them) are printed beside
+it. Every run present in both records is compared on the metrics `combine.py` compares; with
 the same seeds, thread count and budget they should be identical. Per fraction, the ratio of the two
 records' run seconds for the same runs shows how much the machine's speed differed between the days.
 """
@@ -60,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     new, old = _ok(record / "results.jsonl"), _ok(Path(args.previous))
     both, differ = compare(new, old)
 
-    out = [f"machine: {json.dumps(machine)}", "",
-           "| stage | seconds | invocations |", "|---|---|---|"]
+    out = [f"machine: {json.dumps(machine)}", ""]
+    if (record / "speed.json").is_file():  # the machine's speed at the start and the end (fusion.speed)
+        out += [f"machine speed ({p['at']}, {p['when']}): {p['ms_per_step']} ms per CPU training step of the "
+                f"WBC CNN (48 px, batch 64, {p['threads']} threads; repeats {p['all']})"
+                for p in json.loads((record / "speed.json").read_text())] + [""]
+    out += ["| stage | seconds | invocations |", "|---|---|---|"]
     for s in STAGES:
         if s in timings:
             out.append(f"| {s} | {timings[s]['seconds']:.1f} | {timings[s].get('invocations', '')} |")

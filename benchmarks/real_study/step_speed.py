@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fusion.augment import AugConfig, augment  # noqa: E402
-from fusion.models import CNNConfig, SmallCNN  # noqa: E402
+from fusion.speed import ms_per_step  # noqa: E402
 
 CASES = [  # (label, image size, widths, channels_last)
     ("old default: 64 px, 32-64-128-192-256, NCHW", 64, [32, 64, 128, 192, 256], False),
@@ -30,27 +27,6 @@ CASES = [  # (label, image size, widths, channels_last)
     ("48 px, 16-32-64-128-256, NCHW", 48, [16, 32, 64, 128, 256], False),
     ("new default: 48 px, 16-32-64-128-256, channels_last", 48, [16, 32, 64, 128, 256], True),
 ]
-
-
-def ms_per_step(size: int, widths: list[int], channels_last: bool, steps: int) -> float:
-    torch.manual_seed(0)
-    model = SmallCNN(CNNConfig(channels=widths, input_size=size))
-    if not channels_last:  # SmallCNN is channels_last by default; undo it for the comparison
-        model.features.to(memory_format=torch.contiguous_format)
-    opt = torch.optim.AdamW(model.parameters(), 2e-3)
-    x, y = torch.rand(64, 3, size, size), torch.randint(0, 5, (64,))
-    g = torch.Generator().manual_seed(0)
-    for i in range(steps + 3):
-        if i == 3:
-            t0 = time.perf_counter()
-        xa = augment(x, AugConfig(), g)
-        feats = model.features(((xa - model.mean) / model.std).contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format))
-        loss = F.cross_entropy(model.head(feats.mean(dim=(2, 3))), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / steps * 1000
 
 
 def main() -> None:

@@ -25,8 +25,7 @@ def _steps(threads: int, steps: int, start, out) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from step_speed import ms_per_step
+    from fusion.speed import ms_per_step
 
     start.wait()
     t0 = time.perf_counter()
