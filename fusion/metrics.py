@@ -64,21 +64,6 @@ def _values(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return v
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, n: int = 2000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile-bootstrap (1 - alpha) interval of the mean of `values`, resampled `n` times.
-
-    One value gives (v, v): there is no spread to resample.
-    """
-    v = _values(values)
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(int(n), v.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
-
-
 def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """(mean, half width) of the Student-t `confidence` interval: mean ± t * s / sqrt(n).
 

@@ -8,8 +8,10 @@ Reads `<sweep>/results.jsonl` (one line per finished run; the last line of a run
 
 Statistics: a cell is mean ± the half width of the Student-t 95% CI over seeds. A paired difference
 compares two arms run with the same seed (same label fraction of the same split, same CNN
-initialisation, same batches and augmentations); its CI is a percentile bootstrap of the mean of the
-per-seed differences. An arm "helped beyond the control" at a fraction only when its macro-F1 CI
+initialisation, same batches and augmentations); its CI is the Student-t 95% interval of the mean of
+the per-seed differences (a paired t interval). With the 3-5 seeds a sweep affords, a percentile
+bootstrap of those few differences can take only a handful of values, is narrower than the t interval
+and under-covers, so it would call chance differences real. An arm "helped beyond the control" at a fraction only when its macro-F1 CI
 excludes 0 in its favour both against `scratch` and against `random` (the frozen random encoders).
 """
 
@@ -28,7 +30,7 @@ from pretrain.utils import atomic_path, atomic_write_text, read_jsonl
 
 from .data import CLASSES
 from .encoders import ARMS
-from .metrics import bootstrap_ci, mean_ci
+from .metrics import mean_ci
 from .report_plots import plot_confusion, plot_metric_vs_fraction
 
 METRICS = ("accuracy", "macro_f1")
@@ -40,8 +42,6 @@ class ReportConfig:
     """`scripts/report.py`: summarise a finished (or partial) sweep folder."""
 
     run_dir: str = field(default="runs/demo_sweep", metadata={"help": "sweep folder holding results.jsonl"})
-    bootstrap: int = field(default=5000, metadata={"help": "bootstrap resamples for paired CIs"})
-    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
 
 def load_results(run_dir: str | os.PathLike) -> list[dict]:
@@ -100,7 +100,7 @@ class Summary:
     verdicts: dict[float, str]
 
 
-def summarise(rows: list[dict], n_boot: int = 5000, seed: int = 0) -> Summary:
+def summarise(rows: list[dict]) -> Summary:
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
     labels, modes, fractions = _labels(ok or rows)
@@ -122,10 +122,9 @@ def summarise(rows: list[dict], n_boot: int = 5000, seed: int = 0) -> Summary:
                 row = {"fraction": f, "arm": lab, "versus": ref, "n_pairs": len(seeds)}
                 for m in METRICS:
                     d = [a[s][m] - b[s][m] for s in seeds]
-                    # a bootstrap over one or two pairs only resamples those values: report no CI
-                    lo, hi = (bootstrap_ci(d, n=n_boot, seed=seed) if len(d) >= MIN_SEEDS_FOR_CI
-                              else (float("nan"), float("nan")))
-                    row.update({f"{m}_diff": float(np.mean(d)), f"{m}_lo": lo, f"{m}_hi": hi})
+                    mean, hw = mean_ci(d)  # paired t interval; one or two pairs: report no CI
+                    lo, hi = (mean - hw, mean + hw) if len(d) >= MIN_SEEDS_FOR_CI else (math.nan, math.nan)
+                    row.update({f"{m}_diff": mean, f"{m}_lo": lo, f"{m}_hi": hi})
                 paired.append(row)
     verdicts = {f: verdict(f, [p for p in paired if p["fraction"] == f], labels) for f in fractions}
     return Summary(labels, modes, fractions, dict(cells), failed, paired, verdicts)
@@ -232,7 +231,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     md += ["## Verdict per fraction", ""] + [f"- {summary.verdicts[f]}" for f in summary.fractions] + [""]
     for m, title in (("accuracy", "Test accuracy"), ("macro_f1", "Test macro-F1")):
         md += [f"## {title} (mean ± 95% CI over seeds)", ""] + _table(summary, m) + [""]
-    md += ["## Paired differences (same seed), macro-F1 and accuracy, bootstrap 95% CI", "",
+    md += ["## Paired differences (same seed), macro-F1 and accuracy, paired Student-t 95% CI", "",
            "| fraction | arm | versus | pairs | Δ macro-F1 [95% CI] | Δ accuracy [95% CI] |", "|---|---|---|---|---|---|"]
     for p in summary.paired:
         md.append(f"| {fmt_pct(p['fraction'])} | {p['arm']} | {p['versus']} | {p['n_pairs']} | "
@@ -262,10 +261,10 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     return "\n".join(md) + "\n"
 
 
-def make_report(run_dir: str | os.PathLike, n_boot: int = 5000, seed: int = 0) -> Path:
+def make_report(run_dir: str | os.PathLike) -> Path:
     """Write report.md, CSVs and PNGs into `run_dir`; return the path of report.md."""
     out = Path(run_dir)
-    summary = summarise(load_results(out), n_boot=n_boot, seed=seed)
+    summary = summarise(load_results(out))
     write_tables(summary, out)
     figures = [plot_metric_vs_fraction(summary, out / "metric_vs_fraction.png")]
     for (f, lab), runs in sorted(summary.cells.items()):
@@ -279,8 +278,8 @@ def make_report(run_dir: str | os.PathLike, n_boot: int = 5000, seed: int = 0) -
 
 def run_report(cfg: ReportConfig) -> Path:
     """`scripts/report.py` entry: write the report, print its headline table and its path."""
-    path = make_report(cfg.run_dir, n_boot=cfg.bootstrap, seed=cfg.seed)
-    summary = summarise(load_results(cfg.run_dir), n_boot=cfg.bootstrap, seed=cfg.seed)
+    path = make_report(cfg.run_dir)
+    summary = summarise(load_results(cfg.run_dir))
     print("\n".join(["Test macro-F1 (mean ± 95% CI over seeds):"] + _table(summary, "macro_f1")))
     print("\n".join(["", "Test accuracy:"] + _table(summary, "accuracy")))
     print("")

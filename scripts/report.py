@@ -1,6 +1,6 @@
 """Write the report of a sweep folder: report.md, results.csv, per_class.csv, paired.csv and PNGs.
 
-    python scripts/report.py runs/demo_sweep [--bootstrap 5000]
+    python scripts/report.py runs/demo_sweep
 
 Prints the headline table (macro-F1 and accuracy, mean ± 95% CI over seeds), one verdict per
 fraction, and the path of report.md.

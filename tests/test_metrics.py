@@ -11,7 +11,7 @@ from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from fusion.data import CLASSES
-from fusion.metrics import bootstrap_ci, classification_metrics, mean_ci
+from fusion.metrics import classification_metrics, mean_ci
 
 
 def test_perfect_predictions():
@@ -72,18 +72,6 @@ def test_custom_classes():
 def test_bad_inputs(y_true, y_pred, match):
     with pytest.raises(ValueError, match=match):
         classification_metrics(np.asarray(y_true), np.asarray(y_pred))
-
-
-def test_bootstrap_ci():
-    v = np.array([0.70, 0.72, 0.75, 0.71, 0.69, 0.74])
-    lo, hi = bootstrap_ci(v)
-    assert lo < v.mean() < hi and lo >= v.min() and hi <= v.max()
-    assert bootstrap_ci(v) == (lo, hi)  # deterministic for a seed
-    assert bootstrap_ci([0.8]) == (0.8, 0.8)
-    with pytest.raises(ValueError, match="empty"):
-        bootstrap_ci([])
-    with pytest.raises(ValueError, match="finite"):
-        bootstrap_ci([0.1, float("nan")])
 
 
 def test_mean_ci_is_a_t_interval():

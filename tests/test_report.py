@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fusion.data import CLASSES
+from fusion.metrics import mean_ci
 from fusion.report import load_results, make_report, summarise
 
 
@@ -41,7 +42,7 @@ def test_report_files_and_table(tmp_path):
     out = _write(tmp_path, _sweep(range(5), 0.05, 0.0) + [{"run": "bad", "status": "failed", "arm": "prcc",
                                                            "mode": "sum", "fraction": 1.0, "seed": 0,
                                                            "reason": "non-finite loss"}])
-    path = make_report(out, n_boot=500)
+    path = make_report(out)
     text = path.read_text()
     for name in ("results.csv", "per_class.csv", "paired.csv", "metric_vs_fraction.png",
                  "confusion_0.01_scratch.png", "confusion_1_prcc+cam16.png"):
@@ -59,7 +60,7 @@ def test_report_files_and_table(tmp_path):
                                                        (0.05, 0.05, "no measurable benefit"),
                                                        (-0.05, 0.0, "hurt")])
 def test_verdicts(tmp_path, gain_pre, gain_random, word):
-    s = summarise(load_results(_write(tmp_path, _sweep(range(5), gain_pre, gain_random))), n_boot=500)
+    s = summarise(load_results(_write(tmp_path, _sweep(range(5), gain_pre, gain_random))))
     for f in s.fractions:
         assert f"prcc+cam16 {word}" in s.verdicts[f]
     if word != "helped beyond the control":
@@ -68,11 +69,27 @@ def test_verdicts(tmp_path, gain_pre, gain_random, word):
 
 def test_few_seeds_are_called_undetermined(tmp_path):
     out = _write(tmp_path, _sweep(range(2), 0.05, 0.0))
-    s = summarise(load_results(out), n_boot=200)
+    s = summarise(load_results(out))
     assert "undetermined (2 seeds" in s.verdicts[0.01]
-    assert "Caution" in make_report(out, n_boot=200).read_text()
+    assert "Caution" in make_report(out).read_text()
 
 
 def test_missing_results_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.jsonl does not exist"):
         load_results(tmp_path)
+
+
+def test_paired_ci_is_a_t_interval_so_three_same_sign_pairs_are_not_enough(tmp_path):
+    """Three differences of one sign but wide spread (-0.001, -0.006, -0.011): a percentile bootstrap of 3
+    values would exclude 0 and call it "hurt"; the paired t interval includes 0."""
+    rows = []
+    for s, d in enumerate((-0.001, -0.006, -0.011)):
+        rows += [_row(0.01, "scratch", s, 0.90 + 0.01 * s), _row(0.01, "random", s, 0.90 + 0.01 * s),
+                 _row(0.01, "prcc", s, 0.90 + 0.01 * s + d)]
+    s = summarise(load_results(_write(tmp_path, rows)))
+    p = next(p for p in s.paired if p["arm"] == "prcc" and p["versus"] == "scratch")
+    mean, hw = mean_ci([-0.001, -0.006, -0.011])
+    assert p["macro_f1_diff"] == pytest.approx(-0.006) and p["n_pairs"] == 3
+    assert (p["macro_f1_lo"], p["macro_f1_hi"]) == pytest.approx((mean - hw, mean + hw))
+    assert p["macro_f1_lo"] < 0 < p["macro_f1_hi"]
+    assert "prcc no measurable benefit" in s.verdicts[0.01]

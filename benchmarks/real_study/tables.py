@@ -2,7 +2,8 @@
 
     python benchmarks/real_study/tables.py [benchmarks/real_study] > /tmp/tables.md
 
-Reads results.csv, paired.csv, per_class.csv, results.jsonl and timings.json, so RESULTS.md can be
+Reads results.csv, paired.csv (and workers2/paired.csv, the one-thread replicate), per_class.csv,
+results.jsonl and timings.json, so RESULTS.md can be
 refreshed by copying sections after a rerun instead of retyping numbers.
 """
 from __future__ import annotations
@@ -69,6 +70,30 @@ def paired_table(rec: Path) -> list[str]:
         out.append(f"| {pct(float(r['fraction']))} | {r['arm']} | {r['versus']} | "
                    f"{'**' + cis[0] + '**' if excl else cis[0]} | {cis[1]} |")
     return out + ["", "(bold: the macro-F1 interval excludes 0)", ""]
+
+
+def replicate_table(rec: Path, replicate: str = "workers2") -> list[str]:
+    """Macro-F1 paired differences of the record (2 threads) beside the one-thread replicate's, for the
+    comparisons both records hold, and whether each interval falls on the same side of 0 in both."""
+    if not (rec / replicate / "paired.csv").is_file():
+        return ["(no replicate recorded)", ""]
+
+    def side(r: dict) -> int:
+        return 1 if float(r["macro_f1_lo"]) > 0 else -1 if float(r["macro_f1_hi"]) < 0 else 0
+
+    def cell(r: dict) -> str:
+        c = f"{float(r['macro_f1_diff']):+.3f} [{float(r['macro_f1_lo']):+.3f}, {float(r['macro_f1_hi']):+.3f}]"
+        return f"**{c}**" if side(r) else c
+
+    rep = {(r["fraction"], r["arm"], r["versus"]): r for r in read_csv(rec / replicate / "paired.csv")}
+    out = ["| fraction | arm | versus | 2 threads (the record) | 1 thread (replicate) | same side of 0? |",
+           "|---|---|---|---|---|---|"]
+    for r in read_csv(rec / "paired.csv"):
+        b = rep.get((r["fraction"], r["arm"], r["versus"]))
+        if b is not None:
+            same = "yes" if side(r) == side(b) else "**no**"
+            out.append(f"| {pct(float(r['fraction']))} | {r['arm']} | {r['versus']} | {cell(r)} | {cell(b)} | {same} |")
+    return out + [""]
 
 
 def per_class_table(rec: Path) -> list[str]:
@@ -159,7 +184,8 @@ def timing_table(rec: Path) -> list[str]:
 
 def main() -> None:
     rec = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
-    for title, fn in (("Table", main_tables), ("Paired", paired_table), ("Per class", per_class_table),
+    for title, fn in (("Table", main_tables), ("Paired", paired_table), ("Replicate", replicate_table),
+                      ("Per class", per_class_table),
                       ("Baseline", baseline_and_gap), ("Timings", timing_table)):
         print(f"<!-- {title} -->\n" + "\n".join(fn(rec)))
 

@@ -67,7 +67,7 @@ def compare(a: dict[str, dict], b: dict[str, dict], pa: dict, pb: dict) -> list[
                    f"{cell_max:.4f} | {np.abs(dv).max():.4f} |")
     keys = sorted(set(pa) & set(pb))
     flips = [k for k in keys if _excludes_zero(pa[k]) != _excludes_zero(pb[k])]
-    out += ["", f"Paired differences (macro-F1, bootstrap 95% CI): {len(keys)} comparisons in both records; "
+    out += ["", f"Paired differences (macro-F1, paired Student-t 95% CI): {len(keys)} comparisons in both records; "
             f"{len(keys) - len(flips)} fall on the same side of 0 (below / contains / above) in both, "
             f"{len(flips)} change side:", ""]
     if flips:
