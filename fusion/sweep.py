@@ -32,8 +32,8 @@ from pretrain.utils import append_jsonl, make_run_dir, read_jsonl
 from .data import WBCData, load_wbc
 from .encoders import ARMS, SOURCE_KINDS, FeatureCache
 from .models import FUSIONS
-from .splits import fraction_key, load_split
-from .train import RunConfig, prepare_split, train_run
+from .splits import fraction_key, load_split, split_indices
+from .train import RunConfig, plan_steps, prepare_split, train_run
 
 RUN_ONLY = ("fraction", "arm", "mode", "seed", "val_run")  # RunConfig fields the sweep sets per run
 
@@ -146,6 +146,17 @@ def _results(todo: list[RunConfig], cfg: SweepConfig, ctx: SweepContext, split_p
             yield fut.result()
 
 
+def planned_work(todo: list[RunConfig], split: dict, data: WBCData) -> dict[str, int]:
+    """Run name -> training images it will process (batch size x steps; 0 for a run tested from the
+    pilot's weights). The ETA weighs runs by it: a 1,500-step run counts for about twice an 800-step one."""
+    n_train = {f: len(split_indices(split, data, "train", f)) for f in {s.fraction for s in todo}}
+    work = {}
+    for spec in todo:
+        bs, steps, evals = plan_steps(n_train[spec.fraction], spec)
+        work[Path(spec.out).name] = 0 if spec.val_run else bs * steps * evals
+    return work
+
+
 def _check_checkpoints(cfg: SweepConfig) -> None:
     needed = {s for a in cfg.arms for s in ARMS[a].sources}
     for s in sorted(needed):
@@ -188,11 +199,15 @@ def run_sweep(cfg: SweepConfig, features: FeatureCache | None = None) -> Path:
     print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
     bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.progress,
                dynamic_ncols=True)
-    t_runs = time.perf_counter()
+    work = planned_work(todo, split, data)
+    done_work, t_runs = 0, time.perf_counter()
     for i, r in enumerate(_results(todo, cfg, ctx, split_path)):
         append_jsonl(results_path, {**r, "run_dir": str(Path("runs") / r["run"])})
         left = len(todo) - i - 1
-        eta = (time.perf_counter() - t_runs) / (i + 1) * left
+        done_work += work.get(r["run"], 0)
+        elapsed = time.perf_counter() - t_runs  # per image trained so far, times the images still to train
+        eta = (elapsed / done_work * (sum(work.values()) - done_work) if done_work
+               else elapsed / (i + 1) * left)
         bar.update(1)
         msg = (f"{r['run']}: macro-F1 {r['macro_f1']:.3f}" if r["status"] == "ok"
                else f"{r['run']}: FAILED ({r.get('reason', '')[:60]})")

@@ -111,3 +111,21 @@ def test_two_worker_processes_give_the_same_runs_as_one_process_at_the_same_thre
     assert _strip(parallel) == _strip(serial)
     with pytest.raises(ValueError, match="workers"):
         _cfg(env, tmp_path / "bad", workers=0)
+
+
+def test_eta_weighs_runs_by_the_images_they_train_on(env, tmp_path):
+    from fusion.data import load_wbc
+    from fusion.sweep import planned_work
+    from fusion.train import plan_steps, prepare_split
+
+    cfg = _cfg(env, tmp_path / "s", fractions=[0.5, 1.0], epochs=3, seeds=[0])
+    data = load_wbc(cfg.data, cfg.image_size, None, progress=False)
+    split = prepare_split(cfg, data, tmp_path / "split.json", cfg.fractions)
+    specs = run_specs(cfg)
+    specs[-1].val_run = str(tmp_path / "pilot_run")  # tested from the pilot's weights: no training
+    work = planned_work(specs, split, data)
+    n_train = {0.5: 10, 1.0: 20}  # 40 images, 25% validation and 25% test
+    for spec in specs[:-1]:
+        bs, steps, evals = plan_steps(n_train[spec.fraction], spec)
+        assert work[spec.out.split("/")[-1]] == bs * steps * evals
+    assert work["f1.0_scratch_s0"] > 2 * work["f0.5_scratch_s0"] and work[specs[-1].out.split("/")[-1]] == 0
