@@ -75,3 +75,28 @@ def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> t
         return mean, math.nan
     sem = float(v.std(ddof=1)) / math.sqrt(v.size)
     return mean, float(stats.t.ppf(0.5 + confidence / 2, df=v.size - 1) * sem)
+
+
+def paired_t_p(diffs: Sequence[float] | np.ndarray) -> float:
+    """Two-sided p-value of the paired t-test that the mean of the per-seed differences is 0 (the test
+    behind the paired t interval). NaN for fewer than 2 differences; with no spread, 0 or 1."""
+    v = _values(diffs)
+    if v.size < 2:
+        return math.nan
+    if float(v.std(ddof=1)) == 0.0:
+        return 0.0 if float(v.mean()) != 0.0 else 1.0
+    return float(stats.ttest_1samp(v, 0.0).pvalue)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error over all the finite ones; NaN stays NaN):
+    the k-th smallest of m is multiplied by m - k + 1, then made monotone and capped at 1."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, math.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m, running = len(order), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * float(p[i])))
+        out[i] = running
+    return out.tolist()

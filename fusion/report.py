@@ -9,10 +9,12 @@ Reads `<sweep>/results.jsonl` (one line per finished run; the last line of a run
 Statistics: a cell is mean ± the half width of the Student-t 95% CI over seeds. A paired difference
 compares two arms run with the same seed (same label fraction of the same split, same CNN
 initialisation, same batches and augmentations); its CI is the Student-t 95% interval of the mean of
-the per-seed differences (a paired t interval). With the 3-5 seeds a sweep affords, a percentile
+the per-seed differences (a paired t interval), with the paired t-test's p-value and its Holm
+adjustment over all the sweep's comparisons. With the 3-5 seeds a sweep affords, a percentile
 bootstrap of those few differences can take only a handful of values, is narrower than the t interval
-and under-covers, so it would call chance differences real. An arm "helped beyond the control" at a fraction only when its macro-F1 CI
-excludes 0 in its favour both against `scratch` and against `random` (the frozen random encoders).
+and under-covers, so it would call chance differences real. An arm "helped beyond the control" at a
+fraction only when its macro-F1 CI excludes 0 in its favour both against `scratch` and against
+`random` (the frozen random encoders).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pretrain.utils import atomic_path, atomic_write_text, read_jsonl
 
 from .data import CLASSES
 from .encoders import ARMS
-from .metrics import mean_ci
+from .metrics import holm, mean_ci, paired_t_p
 from .report_plots import plot_confusion, plot_metric_vs_fraction
 
 METRICS = ("accuracy", "macro_f1")
@@ -79,6 +81,10 @@ def fmt_pct(f: float) -> str:
     return f"{f * 100:g}%"
 
 
+def fmt_p(p: float) -> str:
+    return "—" if not math.isfinite(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
 def fmt_cell(values: list[float]) -> str:
     if not values:
         return "—"
@@ -124,8 +130,12 @@ def summarise(rows: list[dict]) -> Summary:
                     d = [a[s][m] - b[s][m] for s in seeds]
                     mean, hw = mean_ci(d)  # paired t interval; one or two pairs: report no CI
                     lo, hi = (mean - hw, mean + hw) if len(d) >= MIN_SEEDS_FOR_CI else (math.nan, math.nan)
-                    row.update({f"{m}_diff": mean, f"{m}_lo": lo, f"{m}_hi": hi})
+                    p = paired_t_p(d) if len(d) >= MIN_SEEDS_FOR_CI else math.nan
+                    row.update({f"{m}_diff": mean, f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_p": p})
                 paired.append(row)
+    for m in METRICS:  # every paired comparison of the sweep is one family
+        for row, adj in zip(paired, holm([r[f"{m}_p"] for r in paired]), strict=True):
+            row[f"{m}_p_holm"] = adj
     verdicts = {f: verdict(f, [p for p in paired if p["fraction"] == f], labels) for f in fractions}
     return Summary(labels, modes, fractions, dict(cells), failed, paired, verdicts)
 
@@ -204,7 +214,8 @@ def write_tables(summary: Summary, out: Path) -> None:
                 pc.append([f, lab, len(runs)] + [round(float(np.mean([r["per_class"][c]["recall"] for r in runs])), 6)
                                                  for c in CLASSES])
     _write_csv(out / "per_class.csv", ["fraction", "arm", "n_seeds"] + [f"{c}_accuracy" for c in CLASSES], pc)
-    keys = ["fraction", "arm", "versus", "n_pairs"] + [f"{m}_{k}" for m in METRICS for k in ("diff", "lo", "hi")]
+    keys = ["fraction", "arm", "versus", "n_pairs"] + [f"{m}_{k}" for m in METRICS
+                                                       for k in ("diff", "lo", "hi", "p", "p_holm")]
     _write_csv(out / "paired.csv", keys, [[p[k] for k in keys] for p in summary.paired])
 
 
@@ -232,10 +243,14 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     for m, title in (("accuracy", "Test accuracy"), ("macro_f1", "Test macro-F1")):
         md += [f"## {title} (mean ± 95% CI over seeds)", ""] + _table(summary, m) + [""]
     md += ["## Paired differences (same seed), macro-F1 and accuracy, paired Student-t 95% CI", "",
-           "| fraction | arm | versus | pairs | Δ macro-F1 [95% CI] | Δ accuracy [95% CI] |", "|---|---|---|---|---|---|"]
+           f"p: paired t-test of the macro-F1 difference; Holm: adjusted over all {len(summary.paired)} "
+           f"comparisons of this sweep (family-wise error).", "",
+           "| fraction | arm | versus | pairs | Δ macro-F1 [95% CI] | p | p, Holm | Δ accuracy [95% CI] |",
+           "|---|---|---|---|---|---|---|---|"]
     for p in summary.paired:
         md.append(f"| {fmt_pct(p['fraction'])} | {p['arm']} | {p['versus']} | {p['n_pairs']} | "
-                  f"{_diff_ci(p, 'macro_f1')} | {_diff_ci(p, 'accuracy')} |")
+                  f"{_diff_ci(p, 'macro_f1')} | {fmt_p(p['macro_f1_p'])} | {fmt_p(p['macro_f1_p_holm'])} | "
+                  f"{_diff_ci(p, 'accuracy')} |")
     md += ["", "## Per-class accuracy (recall), mean over seeds", "",
            "| fraction | arm | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]
     for f in summary.fractions:

@@ -11,7 +11,7 @@ from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from fusion.data import CLASSES
-from fusion.metrics import classification_metrics, mean_ci
+from fusion.metrics import classification_metrics, holm, mean_ci, paired_t_p
 
 
 def test_perfect_predictions():
@@ -81,3 +81,22 @@ def test_mean_ci_is_a_t_interval():
     assert mean == pytest.approx(np.mean(v)) and half == pytest.approx((hi - lo) / 2)
     m1, h1 = mean_ci([0.9])
     assert m1 == 0.9 and math.isnan(h1)
+
+
+def test_paired_t_p_matches_the_t_interval():
+    from scipy import stats
+
+    d = [-0.001, -0.006, -0.011]
+    assert paired_t_p(d) == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+    mean, hw = mean_ci(d)
+    assert (paired_t_p(d) < 0.05) == (mean + hw < 0 or mean - hw > 0)  # the same test as the interval
+    assert paired_t_p([-0.01, -0.012, -0.011]) < 0.05
+    assert paired_t_p([0.002, 0.002, 0.002]) == 0.0 and paired_t_p([0.0, 0.0]) == 1.0
+    assert math.isnan(paired_t_p([0.01]))
+
+
+def test_holm_adjusts_in_order_and_keeps_nan():
+    # sorted 0.01, 0.02, 0.04 of m=3 -> 0.03, 0.04, 0.04 (monotone); NaN is not counted in m
+    assert holm([0.04, 0.01, float("nan"), 0.02]) == pytest.approx([0.04, 0.03, float("nan"), 0.04], nan_ok=True)
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+    assert holm([]) == []

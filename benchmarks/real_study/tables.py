@@ -61,14 +61,20 @@ def main_tables(rec: Path) -> list[str]:
     return out + [""]
 
 
+def _p(x: str) -> str:
+    return "—" if not x or x == "nan" else f"{float(x):.3f}" if float(x) >= 0.001 else "<0.001"
+
+
 def paired_table(rec: Path) -> list[str]:
-    out = ["| fraction | arm | versus | Δ macro-F1 [95% CI] | Δ accuracy [95% CI] |", "|---|---|---|---|---|"]
+    out = ["| fraction | arm | versus | Δ macro-F1 [95% CI] | p | p, Holm | Δ accuracy [95% CI] |",
+           "|---|---|---|---|---|---|---|"]
     for r in read_csv(rec / "paired.csv"):
         cis = [f"{float(r[m + '_diff']):+.3f} [{float(r[m + '_lo']):+.3f}, {float(r[m + '_hi']):+.3f}]"
                for m in ("macro_f1", "accuracy")]
         excl = float(r["macro_f1_lo"]) > 0 or float(r["macro_f1_hi"]) < 0
         out.append(f"| {pct(float(r['fraction']))} | {r['arm']} | {r['versus']} | "
-                   f"{'**' + cis[0] + '**' if excl else cis[0]} | {cis[1]} |")
+                   f"{'**' + cis[0] + '**' if excl else cis[0]} | {_p(r['macro_f1_p'])} | "
+                   f"{_p(r['macro_f1_p_holm'])} | {cis[1]} |")
     return out + ["", "(bold: the macro-F1 interval excludes 0)", ""]
 
 
