@@ -85,6 +85,17 @@ def _abs(p: str | os.PathLike) -> Path:
     return p if p.is_absolute() else ROOT / p
 
 
+def study_checkpoints(folder: str | os.PathLike) -> dict[str, Path]:
+    """{"prcc": ..., "cam16": ...}: the encoder checkpoints a study run left in `folder`
+    (`<work>/checkpoints`); raises FileNotFoundError naming the missing file and how to make it."""
+    ck = {"prcc": Path(folder) / "prcc_autoencoder.pt", "cam16": Path(folder) / "cam16_resnet.pt"}
+    for path in ck.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run the study first (make real-study) or point "
+                                    f"--checkpoints at the checkpoints folder of a study run")
+    return ck
+
+
 def machine_info() -> dict:
     import torch
 

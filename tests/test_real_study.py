@@ -157,3 +157,14 @@ def test_one_go_check_finds_a_changed_run_and_compares_days_without_reused_rows(
     assert compare(changed, old)[1] == [n0]
     by_fraction = {f: n for f, n, _, _ in seconds_by_fraction(new, old)}
     assert by_fraction[1.0] == 9 and by_fraction[0.01] == 27  # 18 rows reused from another day left out
+
+
+def test_study_checkpoints_name_the_missing_file_and_the_fix(tmp_path):
+    from fusion.study import study_checkpoints
+
+    (tmp_path / "prcc_autoencoder.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"cam16_resnet\.pt does not exist: run the study first"):
+        study_checkpoints(tmp_path)
+    (tmp_path / "cam16_resnet.pt").write_bytes(b"x")
+    assert study_checkpoints(tmp_path) == {"prcc": tmp_path / "prcc_autoencoder.pt",
+                                           "cam16": tmp_path / "cam16_resnet.pt"}

@@ -48,6 +48,7 @@ from fusion.data import load_wbc  # noqa: E402
 from fusion.encoders import compute_features, images_to_tensor, load_arm_encoders  # noqa: E402
 from fusion.models import CNNConfig, FusionModel, SmallCNN  # noqa: E402
 from fusion.splits import load_split, split_indices  # noqa: E402
+from fusion.study import study_checkpoints  # noqa: E402
 from fusion.sweep import run_name  # noqa: E402
 from fusion.train import RunConfig, predict, train_run  # noqa: E402
 from pretrain.utils import read_jsonl  # noqa: E402
@@ -122,7 +123,7 @@ def pool_relu_check(steps: int, labels: dict[str, str]) -> None:
           f"{len(pair)} pairs\n", flush=True)
 
 
-def eval_batch_check(data, split, ck: Path, rounds: int) -> None:
+def eval_batch_check(data, split, ckpts: dict[str, Path], rounds: int) -> None:
     """predict() on the validation split and frozen features, batch 512 against 128, in turn."""
     images = images_to_tensor(data.images)
     rows = split_indices(split, data, "val")
@@ -142,7 +143,6 @@ def eval_batch_check(data, split, ck: Path, rounds: int) -> None:
         print(f"| {bs} | {', '.join(f'{v:.0f}' for v in ms[bs])} | {statistics.median(ms[bs]):.0f} | "
               f"{'yes' if torch.equal(out[bs], out[512]) else '**NO**'} |")
     sub = images[:2048]
-    ckpts = {"prcc": ck / "prcc_autoencoder.pt", "cam16": ck / "cam16_resnet.pt"}
     print("\nFrozen features of 2,048 images (prcc + cam16 encoders):\n")
     print("| encoders | batch 512 s | batch 128 s | features identical |\n|---|---|---|---|")
     for arm, seed in (("prcc+cam16", 0), ("random", 0)):
@@ -171,10 +171,10 @@ def main() -> None:
     if not Path(args.data).is_dir():
         print(f"SKIP: {args.data} is absent")
         return
-    ck = Path(args.checkpoints)
-    for name in ("prcc_autoencoder.pt", "cam16_resnet.pt"):
-        if not (ck / name).is_file():
-            sys.exit(f"{ck / name} is missing: run the study first (make real-study) or pass --checkpoints")
+    try:
+        ck = study_checkpoints(args.checkpoints)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
 
     t_start = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
@@ -192,8 +192,8 @@ def main() -> None:
     def run(spec, order: str) -> dict:
         frac, arm, mode, seed = spec
         cfg = RunConfig(data=args.data, split=str(HERE / "split.json.gz"), fraction=frac, arm=arm, mode=mode,
-                        seed=seed, prcc_checkpoint=str(ck / "prcc_autoencoder.pt"),
-                        cam16_checkpoint=str(ck / "cam16_resnet.pt"), out=f"{args.out}/{order}/{run_name(*spec)}",
+                        seed=seed, prcc_checkpoint=str(ck["prcc"]),
+                        cam16_checkpoint=str(ck["cam16"]), out=f"{args.out}/{order}/{run_name(*spec)}",
                         overwrite=True, progress=False, curves=False,
                         **({"eval_batch_size": 512} if args.change == "eval-batch" and order == "old" else {}))
         cpu = time.process_time()
