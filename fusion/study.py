@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .encoders import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = {"prcc": "prcc_autoencoder.pt", "cam16": "cam16_resnet.pt"}  # encoder -> file in <work>/checkpoints
 RECORD_FILES = {"report.md": "report.md", "results.csv": "results.csv", "per_class.csv": "per_class.csv",
                 "paired.csv": "paired.csv", "metric_vs_fraction.png": "metric_vs_fraction.png",
                 "results.jsonl": "results.jsonl", "config.yaml": "sweep_config.yaml"}  # sweep file -> record name
@@ -88,7 +89,7 @@ def _abs(p: str | os.PathLike) -> Path:
 def study_checkpoints(folder: str | os.PathLike) -> dict[str, Path]:
     """{"prcc": ..., "cam16": ...}: the encoder checkpoints a study run left in `folder`
     (`<work>/checkpoints`); raises FileNotFoundError naming the missing file and how to make it."""
-    ck = {"prcc": Path(folder) / "prcc_autoencoder.pt", "cam16": Path(folder) / "cam16_resnet.pt"}
+    ck = {name: Path(folder) / file for name, file in CHECKPOINTS.items()}
     for path in ck.values():
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: run the study first (make real-study) or point "
@@ -206,7 +207,7 @@ def run_study(cfg: dict) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     record.mkdir(parents=True, exist_ok=True)
     cfg = _resolve(copy.deepcopy(cfg), {"shared": str(shared), "work": str(work)})
-    ckpt = {"prcc": work / "checkpoints" / "prcc_autoencoder.pt", "cam16": work / "checkpoints" / "cam16_resnet.pt"}
+    ckpt = {name: work / "checkpoints" / file for name, file in CHECKPOINTS.items()}
     timings = _Timings(work / "timings.json")
     _probe_speed(work / "speed.json", "start")
 
