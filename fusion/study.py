@@ -98,17 +98,25 @@ def study_checkpoints(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def machine_info() -> dict:
+    """The machine a record was made on. The CPU's family/model and the vector instructions torch's kernels use
+    are part of it: the same config gives slightly different numbers on CPUs whose kernels differ
+    (`benchmarks/real_study/CPU_EFFECT.md`)."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, info = platform.processor() or platform.machine(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in info:
+                info[key] = value.strip()
+            if not line.strip() and info:  # the first processor's block is enough
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": info.get("model name", cpu), "cpu_family": info.get("cpu family"), "cpu_model": info.get("model"),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 

@@ -101,6 +101,7 @@ def test_cut_down_real_study_end_to_end(tmp_path, monkeypatch):
     assert not (record / "config.yaml").exists()  # the sweep's config is recorded as sweep_config.yaml
     timings = json.loads((record / "timings.json").read_text())
     assert {"prcc_autoencoder", "cam16_resnet", "pilot", "sweep", "report"} <= set(timings)
+    assert json.loads((record / "machine.json").read_text())["torch_cpu_capability"]  # which CPU kernels ran
     speed = json.loads((record / "speed.json").read_text())  # the machine's speed beside the wall time
     assert [p["at"] for p in speed] == ["start", "end"] and all(p["ms_per_step"] > 0 for p in speed)
 
@@ -168,3 +169,17 @@ def test_study_checkpoints_name_the_missing_file_and_the_fix(tmp_path):
     (tmp_path / "cam16_resnet.pt").write_bytes(b"x")
     assert study_checkpoints(tmp_path) == {"prcc": tmp_path / "prcc_autoencoder.pt",
                                            "cam16": tmp_path / "cam16_resnet.pt"}
+
+
+def test_machine_info_names_the_cpu_kernels_that_shape_the_numbers(monkeypatch):
+    """The same config gives different numbers where torch's CPU kernels differ (CPU_EFFECT.md), so a record says which."""
+    import torch
+
+    from fusion.study import machine_info
+
+    info = machine_info()
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["torch_cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "NEON", "SVE256"}
+    assert {"cpu", "cpu_family", "cpu_model", "cpu_count", "torch_threads", "gpu", "torch"} <= set(info)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert machine_info()["torch_cpu_capability"] == "AVX2"

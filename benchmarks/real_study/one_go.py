@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{timings.get('sweep_runs_sum', {}).get('seconds', float('nan')):.1f}", "",
             f"run by run against `{Path(args.previous).name}`: {len(both)} runs in both, "
             f"{len(both) - len(differ)} identical in {', '.join(COMPARED)}; {len(differ)} differ"
-            + (f": {', '.join(differ)}" if differ else ""), "",
+            + (f": {', '.join(differ[:10])}" + (f" and {len(differ) - 10} more" if len(differ) > 10 else "")
+               if differ else ""), "",
             "| fraction | runs in both | seconds, this record | seconds, earlier record | earlier / this |",
             "|---|---|---|---|---|"]
     for f, n, s_new, s_old in seconds_by_fraction(new, old):

@@ -2,7 +2,8 @@
 
     python benchmarks/real_study/tables.py [benchmarks/real_study] > /tmp/tables.md
 
-Reads results.csv, paired.csv (and workers2/paired.csv, the one-thread replicate), per_class.csv,
+Reads results.csv, paired.csv (and the replicates' results.csv and paired.csv: workers2/, one thread per
+run; one_go_2/, another CPU), per_class.csv,
 results.jsonl and timings.json, so RESULTS.md can be
 refreshed by copying sections after a rerun instead of retyping numbers.
 """
@@ -78,27 +79,53 @@ def paired_table(rec: Path) -> list[str]:
     return out + ["", "(bold: the macro-F1 interval excludes 0)", ""]
 
 
-def replicate_table(rec: Path, replicate: str = "workers2") -> list[str]:
-    """Macro-F1 paired differences of the record (2 threads) beside the one-thread replicate's, for the
-    comparisons both records hold, and whether each interval falls on the same side of 0 in both."""
-    if not (rec / replicate / "paired.csv").is_file():
+# Replicates of the record: (folder, column label). Same config and seeds; only the arithmetic differs.
+REPLICATES = (("workers2", "1 thread (AVX2)"), ("one_go_2", "AVX-512 CPU (2 threads)"))
+
+
+def _side(r: dict) -> int:
+    return 1 if float(r["macro_f1_lo"]) > 0 else -1 if float(r["macro_f1_hi"]) < 0 else 0
+
+
+def replicate_table(rec: Path, replicates: tuple = REPLICATES) -> list[str]:
+    """Macro-F1 paired differences of the record (AVX2, 2 threads) beside each replicate's, and whether each
+    interval falls on the same side of 0 in every record that ran the comparison."""
+    reps = [(label, {(r["fraction"], r["arm"], r["versus"]): r for r in read_csv(rec / folder / "paired.csv")})
+            for folder, label in replicates if (rec / folder / "paired.csv").is_file()]
+    if not reps:
         return ["(no replicate recorded)", ""]
 
-    def side(r: dict) -> int:
-        return 1 if float(r["macro_f1_lo"]) > 0 else -1 if float(r["macro_f1_hi"]) < 0 else 0
-
-    def cell(r: dict) -> str:
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "—"
         c = f"{float(r['macro_f1_diff']):+.3f} [{float(r['macro_f1_lo']):+.3f}, {float(r['macro_f1_hi']):+.3f}]"
-        return f"**{c}**" if side(r) else c
+        return f"**{c}**" if _side(r) else c
 
-    rep = {(r["fraction"], r["arm"], r["versus"]): r for r in read_csv(rec / replicate / "paired.csv")}
-    out = ["| fraction | arm | versus | 2 threads (the record) | 1 thread (replicate) | same side of 0? |",
-           "|---|---|---|---|---|---|"]
+    out = ["| fraction | arm | versus | the record (AVX2, 2 threads) | " + " | ".join(lb for lb, _ in reps)
+           + " | same side of 0 in all? |", "|---" * (len(reps) + 5) + "|"]
     for r in read_csv(rec / "paired.csv"):
-        b = rep.get((r["fraction"], r["arm"], r["versus"]))
-        if b is not None:
-            same = "yes" if side(r) == side(b) else "**no**"
-            out.append(f"| {pct(float(r['fraction']))} | {r['arm']} | {r['versus']} | {cell(r)} | {cell(b)} | {same} |")
+        key = (r["fraction"], r["arm"], r["versus"])
+        others = [rows.get(key) for _, rows in reps]
+        same = "yes" if len({_side(x) for x in [r, *others] if x is not None}) == 1 else "**no**"
+        out.append(f"| {pct(float(r['fraction']))} | {r['arm']} | {r['versus']} | {cell(r)} | "
+                   + " | ".join(cell(x) for x in others) + f" | {same} |")
+    return out + ["", "(bold: the macro-F1 interval excludes 0; —: not run in that replicate)", ""]
+
+
+def replicate_cells(rec: Path, replicates: tuple = REPLICATES) -> list[str]:
+    """Each replicate's test macro-F1 cells (mean ± 95% CI over its seeds), in the record's column order."""
+    arms = [a for a in dict.fromkeys(r["arm"] for r in read_csv(rec / "results.csv"))]
+    order = ["scratch", "prcc", "cam16", "prcc+cam16", "random"]
+    arms.sort(key=lambda a: (order.index(a.split(" ")[0]), a))
+    out = ["| fraction, replicate | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for folder, label in replicates:
+        if not (rec / folder / "results.csv").is_file():
+            continue
+        cells = {(float(r["fraction"]), r["arm"]): r for r in read_csv(rec / folder / "results.csv")}
+        for f in sorted({f for f, _ in cells}):
+            out.append(f"| {pct(f)}, {label} | " + " | ".join(
+                f"{float(cells[f, a]['macro_f1_mean']):.3f} ± {float(cells[f, a]['macro_f1_ci95']):.3f}"
+                if (f, a) in cells else "—" for a in arms) + " |")
     return out + [""]
 
 
@@ -191,6 +218,7 @@ def timing_table(rec: Path) -> list[str]:
 def main() -> None:
     rec = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
     for title, fn in (("Table", main_tables), ("Paired", paired_table), ("Replicate", replicate_table),
+                      ("Replicate cells", replicate_cells),
                       ("Per class", per_class_table),
                       ("Baseline", baseline_and_gap), ("Timings", timing_table)):
         print(f"<!-- {title} -->\n" + "\n".join(fn(rec)))

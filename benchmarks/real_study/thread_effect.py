@@ -1,12 +1,15 @@
-"""How far the study's numbers move when only the CPU thread count changes (no training, no data needed).
+"""How far the study's numbers move when only the arithmetic changes (no training, no data needed).
 
     python benchmarks/real_study/thread_effect.py [--a workers2/results.jsonl --a-paired workers2/paired.csv] \
         [--b results.jsonl --b-paired paired.csv] > benchmarks/real_study/THREAD_EFFECT.md
+    python benchmarks/real_study/thread_effect.py --a one_go_2/results.jsonl --a-paired one_go_2/paired.csv \
+        --title "Another CPU (AVX-512) against the record (AVX2)" > benchmarks/real_study/CPU_EFFECT.md
 
-Both records train the same runs (same seeds, batches, steps); one used 1 torch thread per run, the
-other 2. The thread count changes the order of floating-point sums, nothing else, so the differences
-printed here are pure numerical noise: a yardstick for how small a difference between arms can mean
-anything. Files are looked up in `benchmarks/real_study/` unless given as paths.
+Both records train the same runs (same seeds, data, batches, steps). By default one used 1 torch
+thread per run and the other 2; with --title, any two such records (for example, the same config on
+two CPUs whose kernels differ). Either way only the order and width of floating-point sums changes,
+so the differences printed here are pure numerical noise: a yardstick for how small a difference
+between arms can mean anything. Files are looked up in `benchmarks/real_study/` unless given as paths.
 """
 
 from __future__ import annotations
@@ -85,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a-paired", default="workers2/paired.csv")
     p.add_argument("--b", default="results.jsonl", help="record B (here: 1 process x 2 threads)")
     p.add_argument("--b-paired", default="paired.csv")
+    p.add_argument("--title", default="Thread count alone", help="what differs between the two records")
     args = p.parse_args(argv)
-    path = {k: Path(v) if Path(v).is_file() else HERE / v for k, v in vars(args).items()}
+    path = {k: Path(v) if Path(v).is_file() else HERE / v for k, v in vars(args).items() if k != "title"}
     show = {k: v.relative_to(HERE) if v.is_relative_to(HERE) else v for k, v in path.items()}
-    print(f"# Thread count alone: {show['a']} against {show['b']}\n")
-    print("Command: `python benchmarks/real_study/thread_effect.py` (reads the recorded files only).\n")
+    print(f"# {args.title}: {show['a']} against {show['b']}\n")
+    cmd = " ".join(["python benchmarks/real_study/thread_effect.py", *(f"'{a}'" if " " in a else a
+                                                                       for a in (argv or sys.argv[1:]))])
+    print(f"Command: `{cmd}` (reads the recorded files only).\n")
     print("\n".join(compare(_jsonl(path["a"]), _jsonl(path["b"]), _paired(path["a_paired"]),
                             _paired(path["b_paired"]))))
     return 0
