@@ -153,6 +153,8 @@ def test_one_go_check_finds_a_changed_run_and_compares_days_without_reused_rows(
     new = _ok(rec / "one_go" / "results.jsonl")
     both, differ = compare(new, old)
     assert len(both) == 108 and differ == []  # the committed one-go run reproduces the record
+    # ... and so does the one on an AVX-512 CPU with the AVX2 kernels forced (ONE_GO_3.md)
+    assert compare(_ok(rec / "one_go_3" / "results.jsonl"), old) == (both, [])
     n0 = sorted(new)[0]
     changed = {**new, n0: {**new[n0], "per_class": {**new[n0]["per_class"], "x": 1.0}}}
     assert compare(changed, old)[1] == [n0]
