@@ -36,12 +36,17 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def _arms(res: list[dict]) -> list[str]:
+    """The arms of results.csv rows in the tables' column order: scratch, prcc, cam16, prcc+cam16, random."""
+    order = ["scratch", "prcc", "cam16", "prcc+cam16", "random"]
+    return sorted(dict.fromkeys(r["arm"] for r in res), key=lambda a: (order.index(a.split(" ")[0]), a))
+
+
 def main_tables(rec: Path) -> list[str]:
     res = read_csv(rec / "results.csv")
     cells = {(float(r["fraction"]), r["arm"]): r for r in res}
     fractions = sorted({f for f, _ in cells})
-    order = ["scratch", "prcc", "cam16", "prcc+cam16", "random"]
-    arms = sorted(dict.fromkeys(r["arm"] for r in res), key=lambda a: (order.index(a.split(" ")[0]), a))
+    arms = _arms(res)
     out = []
     for metric, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
         out += [f"{title}:", "", "| fraction | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
@@ -114,9 +119,7 @@ def replicate_table(rec: Path, replicates: tuple = REPLICATES) -> list[str]:
 
 def replicate_cells(rec: Path, replicates: tuple = REPLICATES) -> list[str]:
     """Each replicate's test macro-F1 cells (mean ± 95% CI over its seeds), in the record's column order."""
-    arms = [a for a in dict.fromkeys(r["arm"] for r in read_csv(rec / "results.csv"))]
-    order = ["scratch", "prcc", "cam16", "prcc+cam16", "random"]
-    arms.sort(key=lambda a: (order.index(a.split(" ")[0]), a))
+    arms = _arms(read_csv(rec / "results.csv"))
     out = ["| fraction, replicate | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for folder, label in replicates:
         if not (rec / folder / "results.csv").is_file():
