@@ -27,15 +27,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pretrain.config import save_config
-from pretrain.utils import append_jsonl, make_run_dir, read_jsonl
+from pretrain.utils import append_jsonl, folder_lock, read_jsonl, rewrite_jsonl
 
 from .data import WBCData, load_wbc
 from .encoders import ARMS, SOURCE_KINDS, FeatureCache
 from .models import FUSIONS
 from .splits import fraction_key, load_split, split_indices
-from .train import RunConfig, plan_steps, prepare_split, train_run
+from .train import RunConfig, SettingsChangedError, plan_steps, prepare_split, settings_diff, train_run
 
 RUN_ONLY = ("fraction", "arm", "mode", "seed", "val_run")  # RunConfig fields the sweep sets per run
+LOCK = ".sweep.lock"  # held while a sweep runs in its folder: a second sweep there is refused
 
 
 @dataclass
@@ -57,6 +58,9 @@ class SweepConfig(RunConfig):
                                                      "`worker_threads` torch threads; 1 = in this process"})
     worker_threads: int = field(default=1, metadata={"help": "torch threads per worker process (workers > 1). "
                                                             "CPU results depend on the thread count"})
+    rerun_changed: bool = field(default=False, metadata={
+        "help": "train again the finished runs whose recorded settings differ from the requested ones "
+                "(default: list them and stop)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,21 +171,67 @@ def _check_checkpoints(cfg: SweepConfig) -> None:
                                     f"exist; train it first (a {SOURCE_KINDS[s]!r} checkpoint) or drop those arms")
 
 
+def _clear(folder: Path, keep: tuple[str, ...]) -> None:
+    import shutil
+
+    for p in folder.iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _changed_runs(specs: list[RunConfig]) -> dict[str, list[str]]:
+    """Run folder -> settings that differ, for every finished run not made with its requested settings."""
+    changed = {}
+    for spec in specs:
+        if (Path(spec.out) / "metrics.json").is_file() and (diff := settings_diff(spec, spec.out)):
+            changed[spec.out] = diff
+    return changed
+
+
+def _refuse_changed(out: Path, changed: dict[str, list[str]], n_finished: int) -> SettingsChangedError:
+    fields = sorted({d.split(":")[0] for diffs in changed.values() for d in diffs})
+    first, diffs = next(iter(changed.items()))
+    return SettingsChangedError(
+        f"{len(changed)} of {n_finished} finished runs in {out} were made with other settings than requested "
+        f"(fields {', '.join(fields)}; e.g. {Path(first).name}: {'; '.join(diffs[:3])}); give --rerun-changed "
+        f"true to train those runs again with the new settings, or use another --out")
+
+
 def run_sweep(cfg: SweepConfig, features: FeatureCache | None = None) -> Path:
     """Run every missing run of the grid; return the path of `results.jsonl`.
+
+    A finished run is reused only when its recorded `config.yaml` matches the requested settings (but for
+    `RESULT_FREE` fields); otherwise the sweep lists what differs and stops, unless `rerun_changed`.
+    The folder is locked while the sweep runs, so a second sweep on it is refused.
 
     `features`: a frozen-feature cache to start from (the study passes the pilot's, so the sweep does not
     compute the same encoders' features again); in worker mode each worker keeps its own.
     """
     _check_checkpoints(cfg)
-    out = make_run_dir(Path(cfg.out).parent, Path(cfg.out).name, overwrite=cfg.overwrite)
-    save_config(cfg, out / "config.yaml")
+    out = Path(cfg.out)
+    with folder_lock(out, LOCK):
+        return _run_sweep(cfg, out, features)
+
+
+def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Path:
+    if cfg.overwrite:
+        _clear(out, keep=(LOCK,))
     specs = run_specs(cfg)
     results_path = out / "results.jsonl"
+    changed = _changed_runs(specs)
+    n_finished = sum((Path(s.out) / "metrics.json").is_file() for s in specs)
+    if changed and not cfg.rerun_changed:
+        raise _refuse_changed(out, changed, n_finished)
+    if changed:
+        names = {Path(k).name for k in changed}
+        rewrite_jsonl(results_path, [r for r in read_jsonl(results_path) if r.get("run") not in names])
+        specs = [dataclasses.replace(s, overwrite=True) if s.out in changed else s for s in specs]
+        print(f"sweep {out}: training {len(changed)} finished runs again with the new settings")
+    save_config(cfg, out / "config.yaml")  # only now: every run it will hold matches it
     logged = {r.get("run") for r in read_jsonl(results_path)}
     todo = []
     for spec in specs:
-        done = (Path(spec.out) / "metrics.json").is_file()
+        done = (Path(spec.out) / "metrics.json").is_file() and not spec.overwrite
         if done and Path(spec.out).name not in logged:  # killed between metrics.json and the append
             append_jsonl(results_path, {**run_one(spec), "run_dir": str(Path(spec.out).relative_to(out))})
         if not done:

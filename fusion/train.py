@@ -144,7 +144,12 @@ def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path, fractions: 
     """
     path = Path(cfg.split) if cfg.split else default_path
     if path.is_file():
-        return load_split(path)
+        split = load_split(path)
+        if not cfg.split and split.get("seed") != cfg.split_seed:  # our own file, made for another seed
+            raise SettingsChangedError(f"{path} was made with split_seed {split.get('seed')}, but split_seed "
+                                       f"{cfg.split_seed} is requested; use another --out, or give --split "
+                                       f"{path} to keep that split")
+        return split
     split = make_split(data, val=cfg.val, test=cfg.test, fractions=tuple(fractions) or (cfg.fraction,),
                        seed=cfg.split_seed)
     save_split(split, path)
@@ -279,6 +284,28 @@ def _finished(run_dir: Path) -> dict | None:
 
 # fields that may differ between a validation-only run and the run that reuses it (`val_run`)
 _TWIN_FREE = ("out", "eval_test", "progress", "curves", "overwrite", "val_run")
+# fields that do not change a finished run's numbers: a run may be reused when only these differ
+# (eval_batch_size gives the same numbers at any size, benchmarks/real_study/EVAL_BATCH.md)
+RESULT_FREE = ("out", "progress", "curves", "overwrite", "val_run", "eval_batch_size", "cache_dir")
+
+
+class SettingsChangedError(ValueError):
+    """A finished run's recorded settings differ from the requested ones."""
+
+
+def settings_diff(cfg: RunConfig, run_dir: str | os.PathLike) -> list[str]:
+    """Fields (not in `RESULT_FREE`) whose value in `run_dir/config.yaml` differs from `cfg`, as
+    'name: old -> new'; ['config.yaml missing'] when the run recorded no settings."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return [f"{path.name} missing or unreadable"]
+    new = to_plain(cfg)
+    keys = sorted((set(old) | set(new)) - set(RESULT_FREE))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
@@ -321,6 +348,10 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     t0 = time.perf_counter()
     run_dir = Path(run_dir or cfg.out)
     if not cfg.overwrite and (done := _finished(run_dir)) is not None:
+        if diff := settings_diff(cfg, run_dir):
+            raise SettingsChangedError(
+                f"{run_dir} holds a finished run made with other settings ({'; '.join(diff)}); "
+                f"give --overwrite true to train it again with the new ones, or use another --out")
         return done
     run_dir = make_run_dir(run_dir.parent, run_dir.name, overwrite=cfg.overwrite)
     start_run(run_dir, cfg, stale=("log.jsonl", "best.pt", "curves.png"))  # a killed run restarts from scratch

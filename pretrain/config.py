@@ -31,6 +31,13 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block of 40 flags hides the line that matters)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (--help lists the flags)\n")
+
+
 def _field_type(cls, f: dataclasses.Field):
     hints = typing.get_type_hints(cls)
     return hints.get(f.name, str)
@@ -63,13 +70,119 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, type=str, default=None, help=helptext)
 
 
-def config_from_dict(cls: type[T], d: dict[str, Any], source: str = "config") -> T:
-    """Build dataclass `cls` from a dict, rejecting unknown keys with a message listing valid ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+class ConfigError(ValueError):
+    """A config value of the wrong type or an unknown key; the message names the key and the fix."""
+
+
+def _type_name(t: Any) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(inner[0], _type_name(inner[0]))}" if inner else "a list"
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if dataclasses.is_dataclass(t):
+        return f"a mapping ({t.__name__})"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _shown(v: Any) -> str:
+    return f"the string {v!r}" if isinstance(v, str) else f"{type(v).__name__} {v!r}"
+
+
+def check_value(value: Any, t: Any, key: str, source: str) -> Any:
+    """`value` checked against (and, where lossless, converted to) the type hint `t`.
+
+    Lossless conversions only: an int for a float field, a numeric string for a float field (PyYAML
+    reads `1e-3` without a dot as a string), a tuple for a list. Everything else of the wrong type is a
+    ConfigError naming `source`, the key, the value and the expected type: a quoted "false" for a bool
+    would otherwise be truthy, `epochs: 2.7` would be truncated, `arms: scratch` iterated letter by letter.
+    """
+    def bad(extra: str = "") -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {_type_name(t)}, got {_shown(value)}{extra}")
+
+    if t is Any:
+        return value
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return check_value(value, a, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad()
+    if origin in (list, tuple) or t in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            hint = f" (write [{value}] for a list of one)" if isinstance(value, (str, int, float)) else ""
+            raise bad(hint)
+        inner = [a for a in args if a is not Ellipsis]
+        items = [check_value(v, inner[0], f"{key}[{i}]", source) if inner else v for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or t is tuple) else items
+    if origin is dict or t is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return value
+    if dataclasses.is_dataclass(t):
+        if dataclasses.is_dataclass(value) and isinstance(value, t):
+            return value
+        if not isinstance(value, dict):
+            raise bad()
+        return config_from_dict(t, value, source=source, prefix=f"{key}.")
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        hint = " (remove the quotes)" if isinstance(value, str) and value.lower() in ("true", "false") else ""
+        raise bad(hint)
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise bad(" (quote it)" if isinstance(value, (int, float)) else "")
+    return value
+
+
+def config_from_dict(cls: type[T], d: dict[str, Any], source: str = "config", prefix: str = "") -> T:
+    """Build dataclass `cls` from a dict, every value checked against its field's type.
+
+    Unknown keys are rejected with the valid ones listed; nested dataclass fields take nested mappings
+    (their keys named `section.key` in messages).
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a mapping of key: value, "
+                          f"got {_shown(d)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
-    return cls(**d)
+        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
+                          f"valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: check_value(v, hints.get(k, Any), prefix + k, source) for k, v in d.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -92,9 +205,10 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
 
     Returns the config and the raw namespace (for flags added by `extra` that are not config fields).
     """
-    parser = argparse.ArgumentParser(description=description,
+    parser = _Parser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML file of config values")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     add_dataclass_args(parser, cls)
     if extra is not None:
         extra(parser)

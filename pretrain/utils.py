@@ -91,13 +91,77 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    """Append one JSON line and flush it to disk (a killed run keeps every finished line)."""
+    """Append one JSON line and flush it to disk (a killed run keeps every finished line).
+
+    A torn last line (a writer killed mid-line) is cut off first: appended to, it would swallow this
+    row too, since the reader skips a line that is not valid JSON.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    with open(path, "ab+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.seek(max(0, size - (1 << 20)))
+                tail = f.read()
+                cut = tail.rfind(b"\n")
+                f.truncate(size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+        f.write((json.dumps(row) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
+
+
+def rewrite_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Replace a JSON-lines file by `rows`, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class FolderLockedError(OSError):
+    """Another process holds the lock of a run folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str = ".lock") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if missing) for the body; refuse when another
+    process holds it.
+
+    The lock is `fcntl.flock` on `folder/name`: the kernel releases it when its holder dies, even by
+    SIGKILL, so a lock is never stale; the file is removed on a clean exit.
+
+    Raises:
+        FolderLockedError: another live process holds the lock; the message names it and its pid.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise FolderLockedError(f"{folder} is in use by another process (pid {holder}, lock file {path}); "
+                                    f"wait for it to finish or use another output folder") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the live one
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes, so nobody locks a file about to vanish
+        f.close()  # releases the lock
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fusion.features import FeatureConfig, run_extract_features  # noqa: E402
+from pretrain.cli import cli  # noqa: E402
 from pretrain.config import parse_config  # noqa: E402
 
 
@@ -20,4 +21,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pretrain.cli import cli  # noqa: E402
 from pretrain.config import parse_config  # noqa: E402
 from pretrain.extract import ExtractConfig, run  # noqa: E402
 
@@ -24,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pretrain.cli import cli  # noqa: E402
 from pretrain.config import parse_config  # noqa: E402
 from pretrain.demo import DemoConfig, make_demo_data  # noqa: E402
 
@@ -23,4 +24,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pretrain.cli import cli  # noqa: E402
 from pretrain.config import parse_config  # noqa: E402
 from pretrain.train_prcc import PRCCConfig, fit_prcc  # noqa: E402
 
@@ -26,4 +27,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fusion.sweep import SweepConfig, run_sweep  # noqa: E402
+from pretrain.cli import cli  # noqa: E402
 from pretrain.config import parse_config  # noqa: E402
 
 
@@ -23,4 +24,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))
