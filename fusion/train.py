@@ -53,7 +53,7 @@ from .encoders import (
 )
 from .metrics import classification_metrics
 from .models import CNNConfig, FusionModel, SmallCNN, check_mode
-from .splits import load_split, make_split, save_split, split_indices
+from .splits import SplitMismatchError, load_split, make_split, save_split, split_indices
 
 ENCODER_FEATURES = ("precompute", "online")
 
@@ -149,6 +149,11 @@ def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path, fractions: 
             raise SettingsChangedError(f"{path} was made with split_seed {split.get('seed')}, but split_seed "
                                        f"{cfg.split_seed} is requested; use another --out, or give --split "
                                        f"{path} to keep that split")
+        try:  # name the file when it was made for other images
+            for part in ("train", "val", "test"):
+                split_indices(split, data, part)
+        except SplitMismatchError as e:
+            raise SplitMismatchError(f"split file {path} does not fit the images: {e}") from e
         return split
     split = make_split(data, val=cfg.val, test=cfg.test, fractions=tuple(fractions) or (cfg.fraction,),
                        seed=cfg.split_seed)

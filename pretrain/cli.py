@@ -50,6 +50,7 @@ def cli(main: Callable[[list[str] | None], object], argv: Sequence[str] | None =
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    old_format = warnings.formatwarning
     if not debug:
         warnings.formatwarning = _short_warning  # one line per warning, not the source line too
     old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
@@ -67,6 +68,7 @@ def cli(main: Callable[[list[str] | None], object], argv: Sequence[str] | None =
         print(f"error: {one_line(e)}" + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr)
         return 1
     finally:
+        warnings.formatwarning = old_format
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     return out if isinstance(out, int) and not isinstance(out, bool) else 0

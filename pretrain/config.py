@@ -205,7 +205,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
 
     Returns the config and the raw namespace (for flags added by `extra` that are not config fields).
     """
-    parser = _Parser(description=description,
+    parser = _Parser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML file of config values")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
