@@ -151,6 +151,37 @@ def parse_asap_xml(path: str | os.PathLike, tumor_groups=TUMOR_GROUPS,
     return out
 
 
+def _few(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def match_annotations(folder: str | os.PathLike | None, slide_names: list[str]) -> list[str | None]:
+    """`<folder>/<slide name>.xml` for each slide, or None where absent (that slide's patches are all normal).
+
+    Slides without an XML are normal in Camelyon16, so one missing file is no error; but a folder
+    matching no slide at all is almost always the wrong folder or naming scheme, and would label
+    every patch normal without a word: that warns (one line: the folder, what it looked for, what it holds).
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: `folder` is given but is not an existing folder.
+    """
+    if folder is None:
+        return [None] * len(slide_names)
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"--annotations {folder} does not exist; pass the folder of <slide>.xml files")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--annotations {folder} is not a folder; pass the folder of <slide>.xml files")
+    found = [str(folder / f"{n}.xml") if (folder / f"{n}.xml").is_file() else None for n in slide_names]
+    if slide_names and not any(found):
+        held = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".xml")
+        warnings.warn(f"annotations folder {folder} has no XML for any of the {len(slide_names)} slide(s): looked "
+                      f"for {_few([n + '.xml' for n in slide_names])}, it holds "
+                      f"{_few(held) if held else 'no .xml files'}; every patch will be labelled normal (0)",
+                      stacklevel=2)
+    return found
+
+
 def check_within_slide(ann: SlideAnnotations, width: int, height: int, slide_name: str = "") -> list[str]:
     """Warn (and return the messages) for outlines partly or wholly outside the level-0 slide area."""
     msgs = []

@@ -1,22 +1,19 @@
-"""Whole-slide tiling: tissue grid, labels from annotations, and the HDF5 patch store.
+"""Whole-slide tiling of one slide: tissue grid, labels from annotations, and reading the patches.
 
 Per slide (`plan_slide`): open it, choose the level, detect tissue on a thumbnail, lay a grid of
 patches over it, keep those with enough tissue, and label each from the ASAP XML outlines
 (tumor when at least `tumor_threshold` of its central region lies in tumor). Then the patches are
-read (`read_patches`) and appended to one HDF5 file (schema in `pretrain.store`).
+read (`read_patches`): into memory (`extract_slide`, `iter_tissue_tiles`), or appended to one HDF5
+store (schema in `pretrain.store`) by the multi-slide job in `pretrain.extract_job`.
 
-Several slides run in parallel processes (forkserver/spawn: OpenSlide and HDF5 handles must not
-cross a fork from a parent that has them open); each worker writes a per-slide part file that the parent merges in input order. A slide
-that fails (unreadable file, patch larger than the level) is reported in the summary and the
-others still complete.
+`check_slide` is the cheap part of `plan_slide` (header, level, patch fit), run on every slide
+before any tiling; `slide_summary` is the per-slide result the job reports.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
+import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,17 +23,22 @@ from pathlib import Path
 import numpy as np
 import openslide
 from PIL import Image
-from tqdm import tqdm
 
 from .annotations import SlideAnnotations, check_within_slide, parse_asap_xml, rasterize
-from .store import StoreWriter, format_summary, store_attrs
+from .store import check_store_suffix
 from .tissue import box_fractions, slide_thumbnail, tissue_mask
-from .utils import atomic_write_json
-from .wsi import SlideError, choose_level, find_slides, open_slide, read_region_rgb, slide_mpp
+from .wsi import SlideError, choose_level, open_slide, read_region_rgb, slide_mpp
 
 
 class PatchTooLargeError(ValueError):
     """The requested patch does not fit in the chosen pyramid level of a slide."""
+
+
+def _finite_above(v, low: float, or_equal: bool = False) -> bool:
+    """`v` is a finite real number > low (>= low with `or_equal`); NaN, inf and text are not."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    return v >= low if or_equal else v > low
 
 
 @dataclass
@@ -66,19 +68,31 @@ class ExtractConfig:
         given = [k for k in ("mpp", "level", "downsample") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of --mpp, --level, --downsample; got {given}")
-        if self.patch_size < 2:
-            raise ValueError(f"patch_size must be >= 2 px, got {self.patch_size}")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError(f"stride must be >= 1 px, got {self.stride}")
+        if self.mpp is not None and not _finite_above(self.mpp, 0):
+            raise ValueError(f"--mpp must be a positive number of µm per output pixel (e.g. 0.5), got {self.mpp}")
+        if self.downsample is not None and not _finite_above(self.downsample, 0):
+            raise ValueError(f"--downsample must be a positive number of level-0 px per output px (e.g. 4), "
+                             f"got {self.downsample}")
+        if self.level is not None and (not isinstance(self.level, int) or self.level < 0):
+            raise ValueError(f"--level must be a whole number >= 0 (0 = full resolution), got {self.level}")
+        if not isinstance(self.patch_size, int) or self.patch_size < 2:
+            raise ValueError(f"--patch-size must be a whole number >= 2 px, got {self.patch_size}")
+        if self.stride is not None and (not isinstance(self.stride, int) or self.stride < 1):
+            raise ValueError(f"--stride must be a whole number >= 1 px (default: the patch size), got {self.stride}")
         for k in ("tissue_threshold", "tumor_threshold"):
-            if not 0 <= getattr(self, k) <= 1:
-                raise ValueError(f"{k} must lie in [0, 1], got {getattr(self, k)}")
-        if not 0 < self.centre_fraction <= 1:
-            raise ValueError(f"centre_fraction must lie in (0, 1], got {self.centre_fraction}")
+            if not _finite_above(getattr(self, k), 0, or_equal=True) or getattr(self, k) > 1:
+                raise ValueError(f"--{k.replace('_', '-')} must lie in [0, 1], got {getattr(self, k)}")
+        if not _finite_above(self.centre_fraction, 0) or self.centre_fraction > 1:
+            raise ValueError(f"--centre-fraction must lie in (0, 1], got {self.centre_fraction}")
         if self.compression not in ("none", "lzf", "gzip"):
-            raise ValueError(f"compression must be none, lzf or gzip; got {self.compression!r}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ValueError(f"--compression must be none, lzf or gzip; got {self.compression!r}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"--workers must be a whole number >= 1, got {self.workers}")
+        if not isinstance(self.thumbnail_size, int) or self.thumbnail_size < 16:
+            raise ValueError(f"--thumbnail-size must be a whole number >= 16 px, got {self.thumbnail_size}")
+        if not _finite_above(self.min_tissue_area, 0, or_equal=True):
+            raise ValueError(f"--min-tissue-area must be a number >= 0 (patch areas), got {self.min_tissue_area}")
+        check_store_suffix(self.out)
 
     @property
     def label_rule(self) -> str:
@@ -136,6 +150,29 @@ def _thumbnail_side(w0: int, h0: int, footprint: float, cfg: ExtractConfig) -> i
     return max(1, round(long / scale))
 
 
+def _level_and_read_size(slide, path: str | os.PathLike, cfg: ExtractConfig) -> tuple[int, float, str, int]:
+    """(level, downsample, note, px read per patch at that level); raises ValueError naming the slide."""
+    try:
+        level, ds, note = choose_level(slide, mpp=cfg.mpp, downsample=cfg.downsample, level=cfg.level)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    lw, lh = slide.level_dimensions[level]
+    read = max(1, round(cfg.patch_size * ds / float(slide.level_downsamples[level])))
+    if read > lw or read > lh:
+        raise PatchTooLargeError(
+            f"{path}: a {cfg.patch_size} px patch at downsample {ds:.4g} needs {read}x{read} px of level "
+            f"{level}, which is only {lw}x{lh} px; use a smaller --patch-size or a finer level/mpp")
+    return level, ds, note, read
+
+
+def check_slide(path: str | os.PathLike, cfg: ExtractConfig) -> None:
+    """The cheap part of `plan_slide`: the file opens (one tiny probe read), the level exists and the
+    patch fits in it. Run on every slide before any tiling, so that a bad --level or --patch-size
+    stops the job at once instead of after hours of other slides. Raises what `plan_slide` would."""
+    with open_slide(path) as slide:
+        _level_and_read_size(slide, path, cfg)
+
+
 def plan_slide(path: str | os.PathLike, annotation_xml: str | os.PathLike | None, cfg: ExtractConfig,
                slide=None) -> SlidePlan:
     """Level, tissue mask, tissue grid and labels for one slide (reads only the thumbnail).
@@ -151,13 +188,7 @@ def plan_slide(path: str | os.PathLike, annotation_xml: str | os.PathLike | None
         own = slide is None
         slide = open_slide(path) if own else slide
         try:
-            level, ds, note = choose_level(slide, mpp=cfg.mpp, downsample=cfg.downsample, level=cfg.level)
-            lw, lh = slide.level_dimensions[level]
-            read = max(1, round(cfg.patch_size * ds / float(slide.level_downsamples[level])))
-            if read > lw or read > lh:
-                raise PatchTooLargeError(
-                    f"{path}: a {cfg.patch_size} px patch at downsample {ds:.4g} needs {read}x{read} px of level "
-                    f"{level}, which is only {lw}x{lh} px; use a smaller --patch-size or a finer level/mpp")
+            level, ds, note, read = _level_and_read_size(slide, path, cfg)
             w0, h0 = slide.dimensions
             thumb, sx, sy = slide_thumbnail(slide, _thumbnail_side(w0, h0, cfg.patch_size * ds, cfg))
             base_mpp = slide_mpp(slide)
@@ -280,130 +311,3 @@ def iter_tissue_tiles(slide_path: str | os.PathLike, size: int = 256, mpp: float
         for _, imgs, _ in read_patches(plan, cfg, batch=16, slide=slide):
             yield from imgs
 
-
-def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
-    """Run `it` one item ahead in a thread: OpenSlide decodes (GIL released) while HDF5 writes."""
-    with cf.ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(next, it, None)
-        while (item := fut.result()) is not None:
-            fut = ex.submit(next, it, None)
-            yield item
-
-
-def _process_slide(path: str, xml: str | None, cfg: ExtractConfig, writer: StoreWriter, slide_index: int,
-                   overlay_path: str | None, progress: bool = False) -> dict:
-    """Plan, read and append one slide to `writer`; never raises for a bad slide (returns a failure)."""
-    t0 = time.time()
-    slide = None
-    try:
-        slide = open_slide(path)  # one handle for thumbnail and patches
-        plan = plan_slide(path, xml, cfg, slide=slide)
-        bar = tqdm(total=len(plan.coords), desc=plan.name, unit="patch", leave=False, disable=not progress)
-        for _, imgs, masks in _prefetch(read_patches(plan, cfg, slide=slide)):
-            writer.append(imgs, masks)
-            bar.update(len(imgs))
-        bar.close()
-        writer.append_meta(plan.labels, plan.coords, slide_index, plan.tissue, plan.tumor)
-    except (ValueError, openslide.OpenSlideError) as e:  # SlideError, PatchTooLargeError, AnnotationError, ...
-        writer.rollback()
-        return slide_summary(None, path, time.time() - t0, error=str(e))
-    finally:
-        if slide is not None:
-            slide.close()
-    overlay = None
-    if overlay_path:
-        from .overlay import save_overlay
-
-        overlay = str(save_overlay(plan, cfg, overlay_path))
-    return slide_summary(plan, path, time.time() - t0, overlay=overlay)
-
-
-def _pool_context() -> mp.context.BaseContext:
-    """"forkserver" (POSIX) with this module preloaded: each worker is forked from a clean server that
-    never opened a slide or an HDF5 file, and the heavy imports happen once; "spawn" elsewhere."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        return ctx
-    return mp.get_context("spawn")
-
-
-def _worker(path: str, xml: str | None, cfg: ExtractConfig, part: str, overlay_path: str | None) -> dict:
-    with StoreWriter(part, cfg.patch_size, cfg.save_masks, cfg.compression) as w:
-        return _process_slide(path, xml, cfg, w, 0, overlay_path)
-
-
-def extract_patches(slides: list[str | os.PathLike] | None = None, annotations_dir: str | os.PathLike | None = None,
-                    out: str | os.PathLike | None = None, cfg: ExtractConfig | None = None,
-                    workers: int | None = None) -> list[dict]:
-    """Extract every slide into one HDF5 store; returns the per-slide summary (failures included).
-
-    Arguments left None come from `cfg`. The store is written as `<out>.tmp` and renamed at the end;
-    the summary also goes to `<out stem>_summary.json`, overlays to `<out stem>_overlays/<slide>.png`;
-    per-slide warnings are re-emitted here. Raises only for problems with the whole job (no
-    slides, duplicate slide names, a missing annotations folder).
-    """
-    cfg = cfg or ExtractConfig()
-    slides = find_slides(list(slides if slides is not None else cfg.slides))
-    if not slides:
-        raise ValueError("no slides given; pass --slides PATH [PATH ...]")
-    ann_dir = annotations_dir if annotations_dir is not None else cfg.annotations
-    if ann_dir is not None and not Path(ann_dir).is_dir():
-        raise FileNotFoundError(f"annotations folder {ann_dir} does not exist")
-    out = Path(out if out is not None else cfg.out)
-    workers = max(1, min(workers or cfg.workers, len(slides)))
-    names = [p.stem for p in slides]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"slide names must be unique (they become slide ids); repeated: {dup}")
-    xmls = [str(Path(ann_dir) / f"{n}.xml") if ann_dir and (Path(ann_dir) / f"{n}.xml").is_file() else None
-            for n in names]
-    ov_dir = Path(cfg.overlay_dir) if cfg.overlay_dir else out.with_name(out.stem + "_overlays")
-    ovs = [str(ov_dir / f"{n}.png") if cfg.overlays else None for n in names]
-    tmp = out.with_name(out.name + ".tmp")
-    summary: list[dict] = []
-    try:
-        with StoreWriter(tmp, cfg.patch_size, cfg.save_masks, cfg.compression) as writer:
-            if workers == 1:
-                for i, (p, x, o) in enumerate(tqdm(list(zip(slides, xmls, ovs, strict=True)), desc="slides",
-                                                   unit="slide", disable=len(slides) == 1)):
-                    summary.append(_process_slide(str(p), x, cfg, writer, i, o, progress=True))
-            else:
-                parts_dir = out.with_name(out.name + ".parts")
-                parts_dir.mkdir(parents=True, exist_ok=True)
-                parts = [parts_dir / f"{i:05d}_{n}.h5" for i, n in enumerate(names)]
-                results: dict[int, dict] = {}
-                try:
-                    with cf.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
-                        futs = {pool.submit(_worker, str(p), x, cfg, str(pt), o): i
-                                for i, (p, x, pt, o) in enumerate(zip(slides, xmls, parts, ovs, strict=True))}
-                        for f in tqdm(cf.as_completed(futs), total=len(futs), desc="slides", unit="slide"):
-                            i = futs[f]
-                            try:
-                                results[i] = f.result()
-                            except Exception as e:  # a crashed worker (e.g. a segfault inside a codec)
-                                results[i] = slide_summary(None, slides[i], 0.0,
-                                                           error=f"{slides[i]}: worker failed ({type(e).__name__}: {e})")
-                    for i in range(len(slides)):
-                        if results[i]["status"] == "ok":
-                            writer.merge(parts[i], slide_index=i)
-                        summary.append(results[i])
-                finally:
-                    shutil.rmtree(parts_dir, ignore_errors=True)
-            for s in summary:
-                for m in s.get("warnings", []):
-                    warnings.warn(m, stacklevel=2)
-            writer.finish(names, store_attrs(cfg, summary))
-    except BaseException:  # keep no half-written store behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
-    atomic_write_json(out.with_name(out.stem + "_summary.json"), summary)
-    return summary
-
-
-def run(cfg: ExtractConfig) -> int:
-    """Command-line job: extract, print the summary table; exit status 1 when any slide failed."""
-    summary = extract_patches(cfg=cfg)
-    print(format_summary(summary, cfg.out))
-    return 1 if any(s["status"] != "ok" for s in summary) else 0

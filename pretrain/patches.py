@@ -1,6 +1,6 @@
 """One patch-dataset interface over the three Camelyon16 patch sources.
 
-- our HDF5 store written by `pretrain.extract` (format attr "wbc-fusion-patches");
+- our HDF5 store written by `pretrain.extract_job` (format attr "wbc-fusion-patches");
 - PatchCamelyon files `camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5`
   (`x`: (N, 96, 96, 3) uint8, `y`: (N, 1, 1, 1)); PCam has no slide ids, so every patch of a split
   gets the slide id "pcam-<split>" (grouping by slide id then keeps the official splits apart);
@@ -9,6 +9,11 @@
 `open_patch_dataset(path)` picks the right one. HDF5 files are opened lazily, once per process, on
 the first `__getitem__`: an h5py handle opened in the parent and inherited by forked DataLoader
 workers is not safe to share, and a handle cannot be pickled for spawned workers.
+
+Patches come out as uint8 whatever the file stores: uint16 and float datasets (float in [0, 1] or
+[0, 255]) are scaled by one factor per dataset, decided when it is opened from its dtype and a sample
+of patches (`pretrain.images.pixel_scale`), never per patch; a patch read later outside that range,
+and any other dtype, is refused naming the dataset.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import h5py
 import numpy as np
 import torch
 
-from .images import find_images, load_images
+from .images import find_images, load_images, pixel_scale, to_uint8
 
 STORE_FORMAT = "wbc-fusion-patches"
 STORE_DATASETS = ("images", "labels", "coords", "slide_index", "slide_names")
@@ -115,7 +120,7 @@ class ArrayPatchDataset(PatchDataset):
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
             raise ValueError(f"{source}: expected images of shape (N, P, P, 3), got {images.shape}")
-        self.images = images.astype(np.uint8, copy=False)
+        self.images = to_uint8(images, source)
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.slide_ids = np.asarray(slide_ids, dtype=str).reshape(-1)
         if not len(self.images) == len(self.labels) == len(self.slide_ids):
@@ -166,6 +171,16 @@ def _h5_contents(f: h5py.File) -> str:
     return ", ".join(items) if items else "nothing (empty file)"
 
 
+def _dataset_scale(d: h5py.Dataset, name: str) -> float:
+    """Pixel scale of an HDF5 image dataset, decided once from its dtype and (floats) up to 256 patches
+    spread over it, so that every patch of one dataset is scaled the same way (never one by one)."""
+    if d.dtype == np.uint8:
+        return 1.0
+    n = d.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, 256)).astype(np.int64)) if n else []
+    return pixel_scale(d[idx] if n else np.zeros(0, d.dtype), name)
+
+
 def _open_h5(path: Path) -> h5py.File:
     if path.suffix == ".gz":
         raise ValueError(f"{path} is gzip-compressed; unpack it first (gunzip {path}) and pass the .h5 file")
@@ -194,6 +209,7 @@ class H5PatchDataset(PatchDataset):
             sidx = f["slide_index"][:].astype(np.int64)
             self.slide_ids = names[sidx] if len(names) else np.asarray([], dtype=str)
             self.coords = f["coords"][:].astype(np.int64)
+            self._scale = _dataset_scale(f["images"], f"{path}:/images")
             self.has_masks = "masks" in f
             self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
         if len(self.labels) != shape[0]:
@@ -203,7 +219,7 @@ class H5PatchDataset(PatchDataset):
         self._h5 = _LazyH5()
 
     def read_image(self, i: int) -> np.ndarray:
-        return self._h5.get(self.path)["images"][i]
+        return to_uint8(self._h5.get(self.path)["images"][i], f"{self.path}:/images[{i}]", self._scale)
 
     def read_mask(self, i: int) -> np.ndarray:
         """Tumor mask of patch `i`, uint8 (P, P) with 1 = tumor; only when extracted with masks."""
@@ -223,6 +239,7 @@ class PCamDataset(PatchDataset):
             if "x" not in fx:
                 raise ValueError(f"{x_path}: PCam image file lacks dataset 'x'; the file has: {_h5_contents(fx)}")
             shape = fx["x"].shape
+            self._scale = _dataset_scale(fx["x"], f"{x_path}:/x")
         with _open_h5(Path(y_path)) as fy:
             if "y" not in fy:
                 raise ValueError(f"{y_path}: PCam label file lacks dataset 'y'; the file has: {_h5_contents(fy)}")
@@ -242,7 +259,7 @@ class PCamDataset(PatchDataset):
         self._h5 = _LazyH5()
 
     def read_image(self, i: int) -> np.ndarray:
-        return self._h5.get(self.x_path)["x"][i]
+        return to_uint8(self._h5.get(self.x_path)["x"][i], f"{self.x_path}:/x[{i}]", self._scale)
 
 
 class ConcatPatchDataset(PatchDataset):

@@ -65,7 +65,7 @@ def load_image_folder(root: str | os.PathLike, min_size: int, max_bad_fraction: 
     root = Path(root)
     paths = find_images(root)
     arrays, kept = load_images(paths, min_size=min_size, max_bad_fraction=max_bad_fraction,
-                               what=f"images under {root}")
+                               what=f"images under {root}", min_name="crop")
     return ImageSet(arrays=arrays, names=[str(p.relative_to(root)) for p in kept],
                     fingerprint=fingerprint_files(kept, root=root), root=str(root))
 

@@ -1,4 +1,4 @@
-"""The HDF5 patch store written by `pretrain.extract` and read by `pretrain.patches`.
+"""The HDF5 patch store written by `pretrain.extract_job` and read by `pretrain.patches`.
 
 Schema (N patches of P x P px):
     images       (N, P, P, 3) uint8, chunked (1, P, P, 3), optional lzf/gzip compression
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ import numpy as np
 
 from . import __version__
 from .patches import STORE_FORMAT
+
+#: Suffixes of a patch store; `pretrain.patches.open_patch_dataset` reads our stores by these.
+STORE_SUFFIXES = (".h5", ".hdf5")
 
 _META = {"labels": np.int8, "coords": np.int64, "slide_index": np.int32, "tissue": np.float32,
          "tumor": np.float32}
@@ -169,7 +174,97 @@ def format_summary(summary: list[dict], out: str | os.PathLike | None = None) ->
         for note in (s.get("level_note"),):
             if note and ("no µm/px" in note or "implausible" in note or "finer than" in note):
                 rows.append(f"note {s['slide']}: {note}")
+    missing = [s for s in summary if s["status"] == "ok" and s.get("annotations_missing")]
+    if missing and len(missing) == len(summary) - len(bad):
+        rows.append(f"WARNING: no annotation XML for any slide (looked for {missing[0]['annotations_missing']} "
+                    f"and the like); every patch is labelled normal (0)")
+    elif missing:
+        rows.append(f"note: no annotation XML for {len(missing)} slide(s), all their patches are normal: "
+                    + ", ".join(s["slide"] for s in missing[:10]) + (" ..." if len(missing) > 10 else ""))
     if bad:
         rows.append(f"{len(bad)} slide(s) failed:")
         rows += [f"  {s['error']}" for s in bad]
     return "\n".join(rows)
+
+
+# Output safety: a store is written under a temporary name beside `--out` and renamed onto it only when
+# the run may replace it. Temporaries are `.<name>.<pid>.tmp` (files) and `.<name>.<pid>.parts` (folders):
+# hidden, never ending in .h5 (no reader takes one for a store), unique per process (two runs never share
+# one), and the pid tells a later run whether the writer is still alive or was killed.
+
+
+def check_store_suffix(out: str | os.PathLike) -> None:
+    if Path(out).suffix.lower() not in STORE_SUFFIXES:
+        raise ValueError(f"--out {out}: a patch store must end in .h5 or .hdf5 (readers find stores by it); "
+                         f"got suffix {Path(out).suffix or '(none)'!r}")
+
+
+def temp_sibling(path: str | os.PathLike, kind: str = "tmp", pid: int | None = None) -> Path:
+    """`.<name>.<pid>.<kind>` beside `path`; `kind` is "tmp" or "parts"."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{pid or os.getpid()}.{kind}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # Linux: state field after the ")" that ends the command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_path(p: Path) -> None:
+    """Remove a file or folder; missing is fine."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def remove_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of `path` whose writer is gone (a killed run); returns what was removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pat = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.(tmp|parts)")
+    stale = [p for p in path.parent.iterdir()
+             if (m := pat.fullmatch(p.name)) and not pid_alive(int(m.group(1)))]
+    for p in stale:
+        remove_path(p)
+    return stale
+
+
+def prepare_output(out: str | os.PathLike) -> Path:
+    """Check that `out` can be written, remove stale temporaries of it, and create this run's temp file.
+
+    Done before any slide work, so a bad `--out` costs nothing. Returns the temp file (empty).
+    Raises (one line naming the path and what to do): ValueError for a suffix other than .h5/.hdf5;
+    IsADirectoryError when `out` is a folder; OSError when its folder cannot be created or written.
+    """
+    out = Path(out)
+    check_store_suffix(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file name ending in .h5")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"--out {out}: cannot create its folder {out.parent} ({e.strerror or e}); "
+                      f"choose an --out in a writable folder") from e
+    remove_stale(out)
+    for old in (out.with_name(out.name + ".tmp"), out.with_name(out.name + ".parts")):  # older versions' names
+        remove_path(old)
+    tmp = temp_sibling(out)
+    try:
+        tmp.open("wb").close()
+    except OSError as e:
+        raise type(e)(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
+                      f"choose an --out in a writable folder") from e
+    return tmp

@@ -130,7 +130,7 @@ def choose_level(slide: openslide.OpenSlide, mpp: float | None = None, downsampl
     if level is not None:
         if not 0 <= level < slide.level_count:
             raise ValueError(f"level {level} does not exist; the slide has levels 0..{slide.level_count - 1} "
-                             f"with sizes {list(slide.level_dimensions)}")
+                             f"with sizes {list(slide.level_dimensions)}; pick --level 0..{slide.level_count - 1}")
         return level, float(slide.level_downsamples[level]), f"level {level} as requested"
     target = 1.0
     if mpp is not None:
@@ -165,13 +165,21 @@ def choose_level(slide: openslide.OpenSlide, mpp: float | None = None, downsampl
 
 
 def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
-    """Expand folders into the slide files they hold (by extension); files are kept as given."""
+    """Expand folders into the slide files they hold (by extension); files are kept as given.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (a typo is a command-line error, not a bad slide),
+            or a folder without slide files.
+    """
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"--slides {p} does not exist; pass slide files or folders of slides")
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in SLIDE_EXTS)
             if not found:
-                raise FileNotFoundError(f"no slide files ({', '.join(SLIDE_EXTS)}) in folder {p}")
+                raise FileNotFoundError(f"no slide files ({', '.join(SLIDE_EXTS)}) in folder {p}; "
+                                        f"pass slide files or a folder that holds them")
             out += found
         else:
             out.append(p)

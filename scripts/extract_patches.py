@@ -4,7 +4,8 @@
         --out data/cam16_patches.h5 --patch-size 256 --mpp 0.5 --workers 2
 
 Prints a per-slide summary; writes an overlay PNG per slide to <out>_overlays/. Exit status 1 when
-any slide failed (the others are still extracted).
+any slide failed: the others are still extracted into a new --out, but an existing --out is never
+replaced by a store with fewer slides (see pretrain/extract_job.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pretrain.cli import cli  # noqa: E402
 from pretrain.config import parse_config  # noqa: E402
-from pretrain.extract import ExtractConfig, run  # noqa: E402
+from pretrain.extract import ExtractConfig  # noqa: E402
+from pretrain.extract_job import run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,8 @@ def fx(tmp_path_factory):
     wbc = write_wbc_folder(root / "wbc", 8, 16)
     store = root / "good.h5"
     from pretrain.config import parse_config
-    from pretrain.extract import ExtractConfig, run
+    from pretrain.extract import ExtractConfig
+    from pretrain.extract_job import run
 
     cfg, _ = parse_config(ExtractConfig, ["--slides", str(demo["slides"]), "--annotations", str(demo["annotations"]),
                                           "--out", str(store), "--patch-size", "32", "--mpp", "2.0",

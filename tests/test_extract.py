@@ -11,7 +11,8 @@ import pytest
 from matplotlib.path import Path as MplPath
 from wsi_fakes import GLASS, PINK, TUMOR_BOX, write_fake_slide
 
-from pretrain.extract import ExtractConfig, extract_patches, extract_slide, iter_tissue_tiles, plan_slide
+from pretrain.extract import ExtractConfig, extract_slide, iter_tissue_tiles, plan_slide
+from pretrain.extract_job import ExtractionError, extract_patches
 from pretrain.patches import open_patch_dataset
 from pretrain.tissue import box_fractions, otsu_threshold, saturation, tissue_mask
 from pretrain.wsi import SlideError
@@ -135,8 +136,10 @@ def test_patch_larger_than_level(tmp_path):
         plan_slide(slide, None, ExtractConfig(patch_size=1024))
     summary = extract_patches([slide], None, tmp_path / "p.h5", ExtractConfig(patch_size=64, level=1, overlays=False))
     assert summary[0]["patches"] > 0 and summary[0]["downsample"] == 2
-    summary = extract_patches([slide], None, tmp_path / "p.h5", ExtractConfig(patch_size=256, level=1, overlays=False))
-    assert summary[0]["status"] == "failed" and "only 256x192" in summary[0]["error"]
+    before = (tmp_path / "p.h5").read_bytes()
+    with pytest.raises(ExtractionError, match="no slide could be extracted, .*p.h5 left as it was: .*only 256x192"):
+        extract_patches([slide], None, tmp_path / "p.h5", ExtractConfig(patch_size=256, level=1, overlays=False))
+    assert (tmp_path / "p.h5").read_bytes() == before  # never replaced by an empty store
 
 
 def test_annotation_problems(tmp_path):
@@ -144,8 +147,9 @@ def test_annotation_problems(tmp_path):
     ann = tmp_path / "annotations"
     ann.mkdir()
     (ann / "slide_a.xml").write_text("<ASAP_Annotations><Annotations>")
-    summary = extract_patches([slide], ann, tmp_path / "p.h5", ExtractConfig(**CFG))
-    assert summary[0]["status"] == "failed" and "slide_a.xml: line 1, column 31: malformed XML" in summary[0]["error"]
+    with pytest.raises(ExtractionError, match="slide_a.xml: line 1, column 31: malformed XML") as e:
+        extract_patches([slide], ann, tmp_path / "p.h5", ExtractConfig(**CFG))
+    assert e.value.summary[0]["status"] == "failed" and not (tmp_path / "p.h5").exists()
     (ann / "slide_a.xml").write_text(
         '<ASAP_Annotations><Annotations><Annotation Name="far" Type="Polygon" PartOfGroup="_0"><Coordinates>'
         '<Coordinate Order="0" X="5000" Y="5000"/><Coordinate Order="1" X="6000" Y="5000"/>'
@@ -176,7 +180,7 @@ def test_two_workers_match_one(tmp_path):
     with h5py.File(tmp_path / "one.h5") as f, h5py.File(tmp_path / "two.h5") as g:
         for k in ("images", "labels", "coords", "slide_index"):
             np.testing.assert_array_equal(f[k][:], g[k][:])
-    assert not (tmp_path / "two.h5.parts").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp store, no parts
 
 
 def test_demo_labels_agree_with_generated_tumor_regions(demo_root, tmp_path):

@@ -69,14 +69,14 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(fd, "decode_file", no_decode)
+    monkeypatch.setattr(fd, "_decode_one", no_decode)
     second, msgs = _load(root, 12, cache_dir=cache)
     np.testing.assert_array_equal(first.images, second.images)
     assert first.ids == second.ids and first.hashes == second.hashes
     assert second.dropped == first.dropped and any("when the cache" in m for m in msgs)
     monkeypatch.undo()
 
-    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "lymphocyte" / "new.png")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "lymphocyte" / "new.png")  # >= min_size
     third, _ = _load(root, 12, cache_dir=cache)
     assert len(third) == len(first) + 1 and len(list(cache.glob("wbc_*_12.npz"))) == 2
 

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from matplotlib.path import Path as MplPath  # noqa: E402
 
-from pretrain.extract import ExtractConfig, extract_patches  # noqa: E402
+from pretrain.extract import ExtractConfig  # noqa: E402
+from pretrain.extract_job import extract_patches  # noqa: E402
 from pretrain.patches import open_patch_dataset  # noqa: E402
 
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pretrain.extract import ExtractConfig, _pool_context, extract_patches, plan_slide  # noqa: E402
+from pretrain.extract import ExtractConfig, plan_slide  # noqa: E402
+from pretrain.extract_job import _pool_context, extract_patches  # noqa: E402
 from pretrain.wsi import open_slide  # noqa: E402
 
 SHARED = Path(os.environ.get("WBC_SHARED_DATA", ROOT.parent / "shared" / "data"))
