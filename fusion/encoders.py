@@ -1,11 +1,11 @@
-"""Frozen encoders for each arm of the study, and their features computed once per image.
+"""Frozen encoders of an arm, and their features computed once per image.
 
-`ARMS` maps an arm name to which sources it uses and whether their weights are the pretrained ones
-or random (the `random` control: same architectures and extra parameters, no pretrained knowledge).
-`load_arm_encoders` builds them from checkpoints via `pretrain.load_encoder` (frozen: eval, no grads).
+An arm's sources and whether their weights are the pretrained ones or a random twin come from the
+`fusion.sources.Registry` of the run (sources and arms are config, see `fusion.sources`).
+`load_arm_encoders` builds them via `fusion.sources.load_source` (frozen: eval, no grads).
 
 Frozen features do not depend on the training step, so `FeatureCache` computes them once per
-(encoder checkpoint, random seed, image set) under `torch.inference_mode()` and every run of a sweep
+(source weights, random seed, image set) under `torch.inference_mode()` and every run of a sweep
 (all fractions, seeds and fusion modes) reuses them. Features are of the un-augmented image: the CNN
 sees augmented views, the frozen branch sees the image itself, as in linear probing.
 """
@@ -14,84 +14,53 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from pretrain.checkpoint import CheckpointError, load_encoder, register_kind
+from pretrain.checkpoint import CheckpointError, register_kind
 from pretrain.utils import eval_batches
 
 from .models import CNNConfig, FusionModel, SmallCNN, resize_for_encoder
-
-# source name -> checkpoint kind it must be
-SOURCE_KINDS = {"prcc": "prcc_autoencoder", "cam16": "cam16_resnet"}
+from .sources import Registry, SourceSpec, build_registry, load_source, twin_seed
 
 
-@dataclass(frozen=True)
-class ArmSpec:
-    """Sources an arm fuses with the CNN, and whether their weights are random (the control)."""
-
-    sources: tuple[str, ...]
-    random: bool = False
-
-
-ARMS: dict[str, ArmSpec] = {
-    "scratch": ArmSpec(()),
-    "prcc": ArmSpec(("prcc",)),
-    "cam16": ArmSpec(("cam16",)),
-    "prcc+cam16": ArmSpec(("prcc", "cam16")),
-    "random": ArmSpec(("prcc", "cam16"), random=True),
-}
+def as_registry(sources: Registry | Mapping[str, str | os.PathLike | None]) -> Registry:
+    """A Registry, or one built from {"prcc": path, "cam16": path} (the original sources' checkpoints)."""
+    if isinstance(sources, Registry):
+        return sources
+    return build_registry(defaults={f"{k}_checkpoint": str(v) for k, v in sources.items() if v})
 
 
-def check_arm(arm: str) -> ArmSpec:
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; valid arms: {list(ARMS)}")
-    return ARMS[arm]
-
-
-def random_seed_for(seed: int, source: str) -> int:
-    """Seed of the random-weight control encoder of `source` in the run with seed `seed`."""
-    return 10_000 + 100 * int(seed) + sorted(SOURCE_KINDS).index(source)
-
-
-def load_arm_encoders(arm: str, checkpoints: dict[str, str | os.PathLike | None], seed: int = 0,
+def load_arm_encoders(arm: str, sources: Registry | Mapping[str, str | os.PathLike | None], seed: int = 0,
                       image_size: int | None = None, encoder_resize: bool = True,
                       ) -> dict[str, nn.Module]:
     """Frozen encoders {source: module} for `arm` (empty for `scratch`).
 
     Args:
-        checkpoints: {"prcc": path, "cam16": path}; only the arm's sources are needed.
-        seed: run seed; the `random` arm's weights are drawn from `random_seed_for(seed, source)`
-            without disturbing the global RNG.
+        sources: the run's Registry, or {"prcc": path, "cam16": path} for the original two sources.
+        seed: run seed; a random twin's weights are drawn from `twin_seed(source, seed)` without
+            disturbing the global RNG.
         image_size: WBC image side; when it differs from an encoder's input size and
-            `encoder_resize` is False, a ValueError names the checkpoint, both sizes and the fix.
+            `encoder_resize` is False, a ValueError names the source, both sizes and the fix.
 
     Raises:
-        ValueError: unknown arm, missing checkpoint path, or size mismatch (see above).
-        FileNotFoundError: a checkpoint file does not exist.
+        SourceError: unknown arm, or an arm using an undefined source (lists the defined ones).
+        FileNotFoundError: a checkpoint or weights file does not exist.
         CheckpointError: a checkpoint is of the wrong kind (e.g. a ResNet given as prcc_checkpoint).
     """
-    spec = check_arm(arm)
+    reg = as_registry(sources)
+    spec = reg.arm(arm)
     encoders: dict[str, nn.Module] = {}
-    for source in spec.sources:
-        path = checkpoints.get(source)
-        if not path:
-            raise ValueError(f"arm {arm!r} needs the {source} encoder but {source}_checkpoint is not set; "
-                             f"give --{source}-checkpoint PATH (a {SOURCE_KINDS[source]!r} checkpoint)")
-        with torch.random.fork_rng(devices=[]):
-            try:
-                enc = load_encoder(path, kind=SOURCE_KINDS[source], random_init=spec.random,
-                                   seed=random_seed_for(seed, source) if spec.random else None)
-            except CheckpointError as e:
-                raise CheckpointError(f"{source}_checkpoint: {e}") from e
+    for name in spec.sources:
+        enc = load_source(reg.sources[name], random_init=spec.random,
+                          seed=twin_seed(name, seed) if spec.random else None)
+        enc.twin_seed = twin_seed(name, seed) if spec.random else None
         if image_size is not None and not encoder_resize and enc.input_size not in (0, image_size):
-            resize_for_encoder(enc, torch.zeros(1, 3, image_size, image_size), allow=False, name=source)
-        encoders[source] = enc
+            resize_for_encoder(enc, torch.zeros(1, 3, image_size, image_size), allow=False, name=name)
+        encoders[name] = enc
     return encoders
 
 
@@ -120,11 +89,6 @@ def compute_features(encoders: dict[str, nn.Module], images: torch.Tensor, devic
     return feats
 
 
-def _file_key(path: str | os.PathLike) -> str:
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def images_key(hashes: Sequence[str], image_size: int) -> str:
     """Short fingerprint of an image set (per-image content hashes, in order) at one size."""
     h = hashlib.sha256(f"{image_size}:".encode())
@@ -136,7 +100,7 @@ def images_key(hashes: Sequence[str], image_size: int) -> str:
 class FeatureCache:
     """In-memory cache of frozen features of a whole image set, shared by the runs of a sweep.
 
-    Key: (source, checkpoint file identity, random seed or "pretrained", images key, resize flag).
+    Key: (source, sha256 of its weights file, random seed or "pretrained", images key, resize flag).
     """
 
     def __init__(self) -> None:
@@ -150,20 +114,47 @@ class FeatureCache:
         """{source: (N, D) features} of `images` (uint8 (N, 3, S, S)), computed only when not cached."""
         out = {}
         for name, enc in encoders.items():
-            tag = "pretrained" if getattr(enc, "pretrained", True) else f"random{random_seed_for(seed, name)}"
-            path = getattr(enc, "checkpoint_path", None)
-            k = (name, _file_key(path) if path else id(enc), tag, key, encoder_resize)
+            tag = "pretrained" if getattr(enc, "pretrained", True) else f"random{twin_seed(name, seed)}"
+            k = (name, getattr(enc, "weights_sha256", None) or id(enc), tag, key, encoder_resize)
             if k not in self._store:
                 self._store[k] = compute_features({name: enc}, images, device, batch_size, encoder_resize)[name]
             out[name] = self._store[k]
         return out
 
 
+def fusion_sources_config(reg: Registry, arm: str) -> dict:
+    """{source: spec + sha256 of its file} of `arm`, as a fusion checkpoint records them."""
+    from .sources import file_sha256
+
+    return {name: {**reg.sources[name].plain(), "sha256": file_sha256(reg.sources[name].path)}
+            for name in reg.arm(arm).sources}
+
+
+def _recorded_registry(config: dict) -> tuple[Registry, str]:
+    """The registry and arm name that rebuild a fusion checkpoint's encoders; a source file whose
+    content changed since training is refused by name."""
+    from .sources import file_sha256
+
+    if "sources" not in config:  # checkpoints from before sources were config: {"prcc": path, ...}
+        return as_registry(config.get("checkpoints", {})), config["arm"]
+    reg = Registry(sources={}, arms={"trained": tuple(config["sources"])})
+    for name, d in config["sources"].items():
+        d = dict(d)
+        sha = d.pop("sha256", None)
+        spec = SourceSpec.parse(name, d)
+        if sha and os.path.isfile(spec.path) and (now := file_sha256(spec.path)) != sha:
+            raise CheckpointError(f"source {name!r}: {spec.path} changed since this fusion model was trained "
+                                  f"(sha256 {now[:12]}..., recorded {sha[:12]}...); restore the original file")
+        reg.sources[name] = spec
+    return reg, ("random:trained" if config.get("twin") else "trained")
+
+
 @register_kind("wbc_fusion", module="fusion.encoders")
 def build_fusion_model(config: dict) -> FusionModel:
     """Checkpoint builder for kind "wbc_fusion": the CNN from its config, the frozen encoders from the
-    checkpoint paths recorded at training time (random arm: the same seeded random weights)."""
-    encoders = load_arm_encoders(config["arm"], config.get("checkpoints", {}), int(config.get("seed", 0)))
+    sources recorded at training time (checked by sha256; a random twin gets the same seeded weights)."""
+    reg, arm = _recorded_registry(config)
+    encoders = load_arm_encoders(arm, reg, int(config.get("seed", 0)))
     cnn = SmallCNN(CNNConfig(**config["cnn"]))
     return FusionModel(cnn, encoders, config["mode"], int(config["num_classes"]),
                        bool(config.get("encoder_resize", True)), float(config.get("dropout", 0.2)))

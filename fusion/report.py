@@ -31,9 +31,9 @@ import numpy as np
 from pretrain.utils import atomic_path, atomic_write_text, read_jsonl
 
 from .data import CLASSES
-from .encoders import ARMS
 from .metrics import holm, mean_ci, paired_t_p
 from .report_plots import plot_confusion, plot_metric_vs_fraction
+from .sources import DEFAULT_ARMS, LEGACY_TWINS, TWIN_PREFIX
 
 METRICS = ("accuracy", "macro_f1")
 MIN_SEEDS_FOR_CI = 3
@@ -67,12 +67,25 @@ def arm_label(row: dict, modes: list[str]) -> str:
     return f"{row['arm']} ({row['mode']})"
 
 
+def structure(row: dict) -> tuple[tuple[str, ...], str | None]:
+    """(sources, twin_of) of a result row; rows written before sources were config are read by name."""
+    if "sources" in row:
+        return tuple(row["sources"]), row.get("twin_of")
+    arm = row["arm"]
+    base = LEGACY_TWINS.get(arm) or (arm[len(TWIN_PREFIX):] if arm.startswith(TWIN_PREFIX) else None)
+    return tuple(DEFAULT_ARMS.get(base or arm, ())), base
+
+
 def _labels(rows: list[dict]) -> tuple[list[str], list[str], list[float]]:
     modes = sorted({r["mode"] for r in rows if r["arm"] != "scratch"}) or ["sum"]
-    order = {a: i for i, a in enumerate(ARMS)}
-    pairs = sorted({(r["arm"], r["mode"] if r["arm"] != "scratch" else "") for r in rows},
-                   key=lambda am: (order.get(am[0], 99), am[1]))
-    labels = list(dict.fromkeys(arm_label({"arm": a, "mode": m}, modes) for a, m in pairs))
+    order = {a: i for i, a in enumerate([*DEFAULT_ARMS, *LEGACY_TWINS])}
+    first = {}
+    for r in rows:
+        first.setdefault(r["arm"], len(first))
+    pairs = sorted({(r["arm"], r["mode"] if r["arm"] != "scratch" else "", structure(r)[1] is not None)
+                    for r in rows},
+                   key=lambda am: (am[2], order.get(am[0], 50 + first[am[0]]), am[1]))
+    labels = list(dict.fromkeys(arm_label({"arm": a, "mode": m}, modes) for a, m, _ in pairs))
     fractions = sorted({float(r["fraction"]) for r in rows})
     return labels, modes, fractions
 
@@ -113,19 +126,28 @@ def summarise(rows: list[dict]) -> Summary:
     cells: dict[tuple[float, str], dict[int, dict]] = defaultdict(dict)
     for r in ok:
         cells[(float(r["fraction"]), arm_label(r, modes))][int(r["seed"])] = r
+    # each arm against scratch and against its own random twin (same sources, same mode), by structure
+    struct = {arm_label(r, modes): structure(r) for r in ok}
+    twin_label = {}
+    for lab, (srcs, twin_of) in struct.items():
+        if twin_of is not None:
+            base_lab = next((b for b, (bs, bt) in struct.items() if bt is None and bs == srcs
+                             and b.split(" (")[0] == twin_of and b.partition(" (")[2] == lab.partition(" (")[2]), None)
+            if base_lab is not None:
+                twin_label[base_lab] = lab
     paired = []
     for f in fractions:
         for lab in labels:
-            if lab == "scratch":
+            srcs, twin_of = struct.get(lab, ((), None))
+            if not srcs:
                 continue
-            arm = lab.split(" (")[0]
-            refs = ["scratch"] + ([] if arm == "random" else [lab.replace(arm, "random", 1)])
-            for ref in refs:
+            refs = [("scratch", "scratch")] + ([(twin_label[lab], "twin")] if lab in twin_label else [])
+            for ref, kind in refs:
                 a, b = cells.get((f, lab), {}), cells.get((f, ref), {})
                 seeds = sorted(set(a) & set(b))
                 if not seeds:
                     continue
-                row = {"fraction": f, "arm": lab, "versus": ref, "n_pairs": len(seeds)}
+                row = {"fraction": f, "arm": lab, "versus": ref, "kind": kind, "n_pairs": len(seeds)}
                 for m in METRICS:
                     d = [a[s][m] - b[s][m] for s in seeds]
                     mean, hw = mean_ci(d)  # paired t interval; one or two pairs: report no CI
@@ -141,22 +163,24 @@ def summarise(rows: list[dict]) -> Summary:
 
 
 def verdict(fraction: float, paired: list[dict], labels: list[str]) -> str:
-    """One plain sentence per fraction on whether pretraining helped beyond the random control."""
-    pre = [lab for lab in labels if lab.split(" (")[0] not in ("scratch", "random")]
+    """One plain sentence per fraction on whether pretraining helped beyond each arm's random twin."""
+    pre = sorted({p["arm"] for p in paired if p["kind"] == "scratch"} - {p["versus"] for p in paired
+                                                                        if p["kind"] == "twin"},
+                 key=labels.index)
     if not pre:
         return f"At {fmt_pct(fraction)}: no pretrained arm in this sweep, so nothing to judge."
-    has_random = any(p["versus"].startswith("random") for p in paired)
+    has_twin = any(p["kind"] == "twin" for p in paired)
     parts, helped = [], []
     for lab in pre:
-        vs = {p["versus"].split(" (")[0]: p for p in paired if p["arm"] == lab}
+        vs = {p["kind"]: p for p in paired if p["arm"] == lab}
         if "scratch" not in vs:
             continue
-        s, r = vs["scratch"], vs.get("random")
+        s, r = vs["scratch"], vs.get("twin")
         n = s["n_pairs"]
         few = n < MIN_SEEDS_FOR_CI
         beats = s["macro_f1_lo"] > 0 and (r is not None and r["macro_f1_lo"] > 0)
         hurt = s["macro_f1_hi"] < 0
-        diffs = f"{s['macro_f1_diff']:+.3f} vs scratch" + (f", {r['macro_f1_diff']:+.3f} vs random"
+        diffs = f"{s['macro_f1_diff']:+.3f} vs scratch" + (f", {r['macro_f1_diff']:+.3f} vs {r['versus']}"
                                                             if r is not None else "")
         if few:
             word = f"undetermined ({n} seed{'s' if n != 1 else ''}: too few for a meaningful CI)"
@@ -172,7 +196,8 @@ def verdict(fraction: float, paired: list[dict], labels: list[str]) -> str:
         return f"At {fmt_pct(fraction)}: no paired runs against scratch."
     head = (f"At {fmt_pct(fraction)}, pretraining helped beyond the random control for {', '.join(helped)}"
             if helped else f"At {fmt_pct(fraction)}, pretraining did not measurably help beyond the control")
-    tail = "" if has_random else " (this sweep has no `random` arm, so no control: any gain may be extra parameters)"
+    tail = "" if has_twin else (" (this sweep has no random twin of any arm, so no control: any gain may be "
+                                "extra parameters)")
     return f"{head}{tail}: " + "; ".join(parts) + "."
 
 

@@ -30,8 +30,9 @@ from pretrain.config import save_config
 from pretrain.utils import append_jsonl, folder_lock, read_jsonl, rewrite_jsonl
 
 from .data import WBCData, load_wbc
-from .encoders import ARMS, SOURCE_KINDS, FeatureCache
+from .encoders import FeatureCache
 from .models import FUSIONS
+from .sources import DEFAULT_ARMS, SourceError, config_key
 from .splits import fraction_key, load_split, split_indices
 from .train import RunConfig, SettingsChangedError, plan_steps, prepare_split, settings_diff, train_run
 
@@ -47,7 +48,11 @@ class SweepConfig(RunConfig):
     out: str = field(default="runs/sweep", metadata={"help": "sweep folder"})
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.5, 1.0],
                                    metadata={"help": "label fractions of train"})
-    arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"subset of {list(ARMS)}"})
+    arms: list[str] | dict = field(default_factory=lambda: [*DEFAULT_ARMS, "random"], metadata={
+        "help": "arm names (defined in arm_sets, or random:<arm> twins), or in YAML a mapping name -> list "
+                "of sources that defines and selects them at once, e.g. {scratch: [], imagenet: [r18]}"})
+    twins: bool = field(default=True, metadata={
+        "help": "add the random twin of every arm with sources that the grid lacks (the control)"})
     modes: list[str] = field(default_factory=lambda: ["sum"], metadata={"help": f"subset of {list(FUSIONS)}"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     progress_runs: bool = field(default=False, metadata={"help": "also show each run's epoch bar"})
@@ -63,10 +68,23 @@ class SweepConfig(RunConfig):
                 "(default: list them and stop)"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.arms, dict):  # {name: [sources]} defines the arms and selects them
+            self.arm_sets = {**self.arm_sets, **{k: list(v) for k, v in self.arms.items() if k != "scratch"}}
+            self.arms = list(self.arms)
         super().__post_init__()
-        bad_arms = [a for a in self.arms if a not in ARMS]
+        reg = self.registry()
+        bad_arms = []
+        for a in self.arms:
+            try:
+                reg.arm(a)
+            except SourceError as e:
+                bad_arms.append((a, e))
         if bad_arms or not self.arms:
-            raise ValueError(f"unknown arm(s) {bad_arms} in the sweep config; valid arms: {list(ARMS)}")
+            detail = f": {bad_arms[0][1]}" if bad_arms else ""
+            raise ValueError(f"unknown or undefined arm(s) {[a for a, _ in bad_arms]} in the sweep config{detail}")
+        if self.twins:
+            extra = [t for a in self.arms if (t := reg.twin(a)) and t not in self.arms]
+            self.arms = [*self.arms, *extra]
         bad_modes = [m for m in self.modes if m not in FUSIONS]
         if bad_modes or not self.modes:
             raise ValueError(f"unknown fusion mode(s) {bad_modes} in the sweep config; "
@@ -162,13 +180,16 @@ def planned_work(todo: list[RunConfig], split: dict, data: WBCData) -> dict[str,
 
 
 def _check_checkpoints(cfg: SweepConfig) -> None:
-    needed = {s for a in cfg.arms for s in ARMS[a].sources}
+    """Every source file the grid's arms need exists, before any work; the error names the arms."""
+    reg = cfg.registry()
+    needed = {s for a in cfg.arms for s in reg.arm(a).sources}
     for s in sorted(needed):
-        path = getattr(cfg, f"{s}_checkpoint")
+        path = reg.sources[s].path
         if not path or not Path(path).is_file():
-            users = [a for a in cfg.arms if s in ARMS[a].sources]
-            raise FileNotFoundError(f"arms {users} need the {s} encoder, but {s}_checkpoint {path!r} does not "
-                                    f"exist; train it first (a {SOURCE_KINDS[s]!r} checkpoint) or drop those arms")
+            users = [a for a in cfg.arms if s in reg.arm(a).sources]
+            raise FileNotFoundError(f"arms {users} need the {s} encoder, but {config_key(reg.sources[s])} "
+                                    f"{path!r} does not exist; "
+                                    f"train or fetch it first, or drop those arms")
 
 
 def _clear(folder: Path, keep: tuple[str, ...]) -> None:

@@ -43,16 +43,10 @@ from pretrain.utils import (
 
 from .augment import AugConfig, augment
 from .data import CLASSES, WBCData, load_wbc
-from .encoders import (
-    ARMS,
-    FeatureCache,
-    check_arm,
-    images_key,
-    images_to_tensor,
-    load_arm_encoders,
-)
+from .encoders import FeatureCache, fusion_sources_config, images_key, images_to_tensor, load_arm_encoders
 from .metrics import classification_metrics
 from .models import CNNConfig, FusionModel, SmallCNN, check_mode
+from .sources import Registry, build_registry
 from .splits import SplitMismatchError, load_split, make_split, save_split, split_indices
 
 ENCODER_FEATURES = ("precompute", "online")
@@ -69,7 +63,8 @@ class RunConfig:
     test: float = field(default=0.15, metadata={"help": "test share of all images when the split is made"})
     split_seed: int = field(default=0, metadata={"help": "seed of the split when it is made"})
     fraction: float = field(default=1.0, metadata={"help": "label fraction of train, in (0, 1]"})
-    arm: str = field(default="scratch", metadata={"help": f"one of {list(ARMS)}"})
+    arm: str = field(default="scratch", metadata={"help": "an arm of `arm_sets` (default: scratch, prcc, cam16, "
+                                                          "prcc+cam16), its twin random:<arm>, or random"})
     mode: str = field(default="sum", metadata={"help": "fusion mode: sum, concat or gated"})
     seed: int = field(default=0, metadata={"help": "CNN init, batch order and augmentation seed"})
     image_size: int = field(default=48, metadata={"help": "WBC image side in pixels"})
@@ -102,6 +97,11 @@ class RunConfig:
     aug_color: float = field(default=0.15, metadata={"help": "brightness/contrast/saturation jitter"})
     prcc_checkpoint: str = "checkpoints/prcc_autoencoder.pt"
     cam16_checkpoint: str = "checkpoints/cam16_resnet.pt"
+    sources: dict = field(default_factory=dict, metadata={
+        "help": "more encoder sources, name -> checkpoint path, 'timm:<model>'/'torchvision:<model>' or "
+                "{model, weights, input_size, mean, std} (see fusion/sources.py); YAML only"})
+    arm_sets: dict = field(default_factory=dict, metadata={
+        "help": "more arms, name -> list of source names (YAML only); each gets its twin random:<name>"})
     encoder_resize: bool = field(default=True, metadata={"help": "resize images to each encoder's input size"})
     encoder_features: str = field(default="precompute", metadata={
         "help": "precompute: frozen features of each un-augmented image once; online: encoders run on "
@@ -123,7 +123,7 @@ class RunConfig:
     curves: bool = field(default=True, metadata={"help": "write curves.png (about a second per run on CPU)"})
 
     def __post_init__(self) -> None:
-        check_arm(self.arm)
+        self.registry().arm(self.arm)
         check_mode(self.mode)
         if not 0 < float(self.fraction) <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
@@ -134,6 +134,11 @@ class RunConfig:
         for name in ("epochs", "batch_size", "image_size", "evals"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def registry(self) -> Registry:
+        """The run's sources and arms: the original two from their checkpoint fields, plus config."""
+        return build_registry(self.sources, self.arm_sets, {"prcc_checkpoint": self.prcc_checkpoint,
+                                                            "cam16_checkpoint": self.cam16_checkpoint})
 
 
 def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path, fractions: Sequence[float] = ()) -> dict:
@@ -309,8 +314,10 @@ def settings_diff(cfg: RunConfig, run_dir: str | os.PathLike) -> list[str]:
     except (OSError, yaml.YAMLError):
         return [f"{path.name} missing or unreadable"]
     new = to_plain(cfg)
+    defaults = to_plain(type(cfg)())  # a field added since the run was made counts as its default
     keys = sorted((set(old) | set(new)) - set(RESULT_FREE))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k)!r}" for k in keys
+            if old.get(k, defaults.get(k)) != new.get(k)]
 
 
 def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
@@ -377,8 +384,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         raise ValueError(f"the split has {len(val_rows)} val and {len(test_rows)} test images; both are "
                          f"needed (early stopping on val, metrics on test)")
 
-    checkpoints = {"prcc": cfg.prcc_checkpoint, "cam16": cfg.cam16_checkpoint}
-    encoders = load_arm_encoders(cfg.arm, checkpoints, cfg.seed, cfg.image_size, cfg.encoder_resize)
+    encoders = load_arm_encoders(cfg.arm, cfg.registry(), cfg.seed, cfg.image_size, cfg.encoder_resize)
     images = images_to_tensor(data.images)  # (N, 3, S, S) uint8
     labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
     feats: dict[str, torch.Tensor] = {}
@@ -419,7 +425,9 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         r = _eval(model, images, feats, val_rows, labels, device, cfg, loss_weight)
         return {k: r[k] for k in ("loss", "acc", "macro_f1")}
 
-    base = {"run": run_dir.name, "arm": cfg.arm, "mode": cfg.mode, "fraction": float(cfg.fraction),
+    arm = cfg.registry().arm(cfg.arm)
+    base = {"run": run_dir.name, "arm": cfg.arm, "sources": list(arm.sources), "twin_of": arm.twin_of,
+            "mode": cfg.mode, "fraction": float(cfg.fraction),
             "seed": int(cfg.seed), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
             "n_test": int(len(test_rows)), "trainable_params": count_parameters(model, trainable_only=True),
             "image_size": cfg.image_size, "encoder_features": cfg.encoder_features}
@@ -470,9 +478,10 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
 
 def fusion_model_config(model: FusionModel, cfg: RunConfig) -> dict:
     """Plain-dict config that `build_fusion_model` turns back into the same FusionModel."""
+    reg = cfg.registry()
     return {"cnn": to_plain(model.cnn.cfg), "mode": model.mode, "num_classes": model.num_classes,
             "encoder_resize": model.encoder_resize, "dropout": cfg.dropout, "arm": cfg.arm, "seed": cfg.seed,
-            "checkpoints": {s: getattr(e, "checkpoint_path", None) for s, e in model.encoders.items()}}
+            "sources": fusion_sources_config(reg, cfg.arm), "twin": reg.arm(cfg.arm).random}
 
 
 def run(cfg: RunConfig) -> dict:

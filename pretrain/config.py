@@ -49,6 +49,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         t = _field_type(cls, f)
         origin = typing.get_origin(t)
         args = typing.get_args(t)
+        if origin is typing.Union or origin is types.UnionType:  # on the command line, the first type
+            t = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(t), typing.get_args(t)
         flag = "--" + f.name.replace("_", "-")
         helptext = f.metadata.get("help", "")
         if origin in (list, tuple) or t in (list, tuple):
@@ -57,9 +60,6 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
                 inner = str
             parser.add_argument(flag, dest=f.name, nargs="+", type=inner, default=None, help=helptext)
             continue
-        if origin is typing.Union or origin is types.UnionType:
-            non_none = [a for a in args if a is not type(None)]
-            t = non_none[0] if non_none else str
         if t is bool:
             # `--flag` alone means true; `--flag false` still works
             parser.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=None, metavar="BOOL",

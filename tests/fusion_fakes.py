@@ -64,9 +64,9 @@ def _build_tiny(config: dict) -> TinyEncoder:
 
 def use_tiny_cam16(monkeypatch) -> None:
     """Make the `cam16` source expect the tiny stand-in kind for the duration of a test."""
-    import fusion.encoders
+    import fusion.sources
 
-    monkeypatch.setitem(fusion.encoders.SOURCE_KINDS, "cam16", TINY_CAM16)
+    monkeypatch.setitem(fusion.sources.DEFAULT_SOURCES, "cam16", (TINY_CAM16, "cam16_checkpoint"))
 
 
 def tiny_checkpoints(folder: Path, size: int = 16, nan: bool = False) -> dict[str, Path]:

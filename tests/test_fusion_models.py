@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from fusion_fakes import tiny_checkpoints, use_tiny_cam16
 
-from fusion.encoders import ARMS, check_arm, load_arm_encoders
+from fusion.encoders import as_registry, load_arm_encoders
 from fusion.models import FUSIONS, CNNConfig, FusionModel, SmallCNN, check_mode
+from fusion.sources import DEFAULT_ARMS
 from pretrain.checkpoint import CheckpointError
 from pretrain.utils import count_parameters
 
@@ -41,7 +42,7 @@ def test_small_cnn_default_size_and_shapes():
 
 def test_unknown_names_list_valid_ones():
     with pytest.raises(ValueError, match="valid arms") as e:
-        check_arm("imagenet")
+        as_registry({}).arm("imagenet")
     assert "prcc+cam16" in str(e.value)
     with pytest.raises(ValueError, match="valid modes") as e:
         check_mode("attention")
@@ -53,11 +54,11 @@ def _snapshot(encoders):
 
 
 @pytest.mark.parametrize("mode", list(FUSIONS))
-@pytest.mark.parametrize("arm", list(ARMS))
+@pytest.mark.parametrize("arm", [*DEFAULT_ARMS, "random", "random:prcc", "random:cam16"])
 def test_every_arm_and_mode_trains_a_step_with_frozen_encoders(arm, mode, ckpts):
     torch.manual_seed(0)
     encoders = load_arm_encoders(arm, ckpts, seed=0, image_size=16)
-    assert sorted(encoders) == sorted(ARMS[arm].sources)
+    assert sorted(encoders) == sorted(as_registry(ckpts).arm(arm).sources)
     before = _snapshot(encoders)
     model = FusionModel(SmallCNN(CNNConfig(channels=[8, 16], input_size=16)), encoders, mode)
     names = {n for n, _ in model.named_parameters()}
@@ -115,7 +116,7 @@ def test_wrong_kind_missing_path_and_size_mismatch(ckpts):
         load_arm_encoders("prcc", {"prcc": ckpts["cam16"]})
     with pytest.raises(CheckpointError, match="cam16_checkpoint.*prcc_autoencoder"):
         load_arm_encoders("cam16", {"cam16": ckpts["prcc"]})
-    with pytest.raises(ValueError, match="cam16_checkpoint is not set"):
+    with pytest.raises(ValueError, match=r"uses source\(s\) \['cam16'\] that are not defined"):
         load_arm_encoders("prcc+cam16", {"prcc": ckpts["prcc"]})
     with pytest.raises(FileNotFoundError):
         load_arm_encoders("cam16", {"cam16": "nowhere/cam16.pt"})

@@ -135,7 +135,7 @@ def _sweep_cmd(cfg_path: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_sweep(files, tmp_path):
     """A real `scripts/sweep.py` process killed with SIGKILL mid-sweep, then run again."""
-    base = {**_base(files, tmp_path / "x"), "arms": ["scratch", "prcc"], "fractions": [0.5, 1.0],
+    base = {**_base(files, tmp_path / "x"), "arms": ["scratch", "prcc"], "twins": False, "fractions": [0.5, 1.0],
             "min_steps": 400, "threads": 1}
     cfgs = {}
     for name in ("full", "killed"):
