@@ -24,7 +24,7 @@ import json
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +64,7 @@ _RESAMPLE = Image.Resampling.LANCZOS
 
 
 class ClassFolderError(ValueError):
-    """The class folders of a WBC folder do not match the five expected classes."""
+    """The class folders of a data folder do not match its declared classes, or a bad `classes` config."""
 
 
 @dataclass
@@ -72,7 +72,7 @@ class WBCData:
     """A decoded WBC set. Row i of every field describes the same image.
 
     images: (N, S, S, 3) uint8, already resized to `image_size` = S.
-    labels: (N,) int64 indices into `CLASSES`.
+    labels: (N,) int64 indices into `classes`.
     ids: stable ids: path relative to `root` ("neutrophil/BNE_123.jpg") or "bloodmnist:train:123".
     hashes: sha1 hex of the file bytes (of the uint8 RGB pixels before resizing for `.npz` sources).
     root: the folder or `.npz` file it came from (absolute).
@@ -87,19 +87,21 @@ class WBCData:
     root: str
     image_size: int
     dropped: dict = field(default_factory=dict)
+    classes: tuple[str, ...] = CLASSES  # the data set's class names, in label order
 
     def __post_init__(self) -> None:
         n = len(self.images)
         if not (len(self.labels) == len(self.ids) == len(self.hashes) == n):
             raise ValueError(f"WBCData fields disagree in length: images {n}, labels {len(self.labels)}, "
                              f"ids {len(self.ids)}, hashes {len(self.hashes)}")
+        self.classes = tuple(self.classes)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def class_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=len(CLASSES))
-        return {c: int(k) for c, k in zip(CLASSES, counts, strict=True)}
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(k) for c, k in zip(self.classes, counts, strict=True)}
 
 
 def find_duplicates(hashes: Sequence[str]) -> list[list[int]]:
@@ -168,56 +170,110 @@ def _images_in(folder: Path) -> list[Path]:
         return []
 
 
-def class_folders(root: str | os.PathLike) -> list[tuple[int, Path, list[Path]]]:
-    """Match the sub-folders of `root` to `CLASSES` (case-insensitive) -> [(label, folder, files)].
+ClassSpec = Sequence[str] | Mapping[str, Sequence[str]] | str | None
 
-    Sub-folders without images are ignored. Images directly in `root` are ignored with a warning.
+
+def class_spec(classes: ClassSpec) -> dict[str, tuple[str, ...]] | str:
+    """Normalise a `classes` config: "" / None / [] -> "auto"; "all"; or {class: (aliases...)}.
+
+    A list names the classes (label order = list order); a mapping also gives each its aliases, e.g.
+    `{neutrophil: [SNE, BNE]}` maps folders `SNE/` and `BNE/` onto `neutrophil`. Names match
+    case-insensitively.
+    """
+    if classes in (None, "", "auto") or (isinstance(classes, (list, tuple, dict)) and not classes):
+        return "auto"
+    if classes == "all":
+        return "all"
+    if isinstance(classes, str):
+        raise ClassFolderError(f"classes must be a list of class names, a mapping name -> aliases, 'auto' or "
+                               f"'all', got the string {classes!r}")
+    items = classes.items() if isinstance(classes, Mapping) else ((c, ()) for c in classes)
+    spec: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    for name, aliases in items:
+        if isinstance(aliases, str):
+            aliases = (aliases,)
+        for key in (name, *aliases):
+            k = str(key).strip().lower()
+            if k in seen:
+                raise ClassFolderError(f"classes: {key!r} is given for both {seen[k]!r} and {name!r}")
+            seen[k] = str(name)
+        spec[str(name)] = tuple(str(a) for a in aliases or ())
+    if len(spec) < 2:
+        raise ClassFolderError(f"classes: a task needs at least 2 classes, got {list(spec)}")
+    return spec
+
+
+def _alias_table(spec: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    return {k.strip().lower(): i for i, (name, aliases) in enumerate(spec.items()) for k in (name, *aliases)}
+
+
+def _auto_order(names: Sequence[str]) -> tuple[str, ...]:
+    """The five WBC classes in their usual order first (so a WBC set keeps its labels), others sorted."""
+    known = [c for c in CLASSES if c in names]
+    return tuple(known + sorted(n for n in names if n not in CLASSES))
+
+
+def class_folders(root: str | os.PathLike, classes: ClassSpec = None
+                  ) -> tuple[tuple[str, ...], list[tuple[int, Path, list[Path]]]]:
+    """The classes of a folder of class folders -> (class names, [(label, folder, files)]).
+
+    By default the classes are the sub-folder names (lower-cased; the five WBC classes keep their usual
+    order). `classes` (see `class_spec`) fixes the class list and its aliases instead: every folder
+    must then map onto one class, several folders may map onto one (aliases), and every class needs a
+    folder. Sub-folders without images are ignored; images directly in `root` are warned about.
+
     Raises:
         NoImagesError: `root` is not a folder.
-        ClassFolderError: a class has no folder (or no images), a folder with images is not a
-            class, or two folders map to one class; the message lists everything found.
+        ClassFolderError: fewer than two classes, a folder that maps to no class, a class with no
+            folder, or two folders that differ only in case; the message lists everything found.
     """
     root = Path(root)
     if not root.is_dir():
         raise NoImagesError(f"WBC data folder {root} does not exist or is not a folder")
+    spec = class_spec(classes)
     found = {d: _images_in(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     found = {d: files for d, files in found.items() if files}
-    by_class: dict[int, list[Path]] = defaultdict(list)
-    unknown = []
-    for d in found:
-        key = d.name.strip().lower()
-        if key in CLASSES:
-            by_class[CLASSES.index(key)].append(d)
-        else:
-            unknown.append(d.name)
-    missing = [c for i, c in enumerate(CLASSES) if i not in by_class]
-    twice = {CLASSES[i]: [d.name for d in ds] for i, ds in by_class.items() if len(ds) > 1}
-    if missing or unknown or twice:
-        listing = ", ".join(f"{d.name}/ ({len(f)} images)" for d, f in found.items()) or "no folder with images"
-        problems = []
-        if missing:
-            problems.append(f"missing: {', '.join(missing)}")
+    listing = ", ".join(f"{d.name}/ ({len(f)} images)" for d, f in found.items()) or "no folder with images"
+    problems = []
+    if isinstance(spec, dict):
+        names = tuple(spec)
+        table = _alias_table(spec)
+        label_of = {d: table.get(d.name.strip().lower()) for d in found}
+        unknown = [d.name for d, lab in label_of.items() if lab is None]
         if unknown:
-            problems.append(f"not a class: {', '.join(unknown)}")
+            problems.append(f"not a class or alias: {', '.join(unknown)}")
+        missing = [c for i, c in enumerate(names) if i not in label_of.values()]
+        if missing:
+            problems.append(f"no folder for: {', '.join(missing)}")
+    else:
+        keys = [d.name.strip().lower() for d in found]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
-            problems.append("one class, several folders: "
-                            + "; ".join(f"{c}: {', '.join(n)}" for c, n in twice.items()))
+            problems.append(f"folders that differ only in case: {', '.join(twice)}")
+        names = _auto_order(sorted(set(keys)))
+        label_of = {d: names.index(d.name.strip().lower()) for d in found}
+        if len(names) < 2:
+            problems.append(f"{len(names)} class folder(s); a task needs at least 2")
+    if problems:
         npz = sorted(p.name for p in root.glob("*.npz"))
         hint = f" For a MedMNIST file, pass it directly (e.g. {root / npz[0]})." if npz else ""
+        expected = f"the classes {', '.join(names)}" if isinstance(spec, dict) else "one folder per class"
         raise ClassFolderError(
-            f"WBC folder {root}: class folders do not match the expected {', '.join(CLASSES)} "
-            f"(one folder per class, names case-insensitive). Found {listing}. {'; '.join(problems)}. "
-            f"Rename the folders to the class names and move other folders out of {root}.{hint}")
+            f"WBC folder {root}: class folders do not match {expected} (names case-insensitive). Found "
+            f"{listing}. {'; '.join(problems)}. Rename or move the folders, or set classes: (with aliases) in "
+            f"the config.{hint}")
     loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
     if loose:
         warnings.warn(f"ignoring {len(loose)} images directly in {root} (e.g. {loose[0].name}): "
                       f"only images inside a class folder have a label", stacklevel=3)
-    return [(i, by_class[i][0], found[by_class[i][0]]) for i in range(len(CLASSES))]
+    return names, sorted(((label_of[d], d, files) for d, files in found.items()), key=lambda t: (t[0], t[1].name))
 
 
-def _fingerprint(items: Sequence[tuple[str, os.stat_result]], kind: str, size: int, min_size: int) -> str:
-    """Cheap source fingerprint: relative paths + byte sizes + mtimes (never the content)."""
-    h = hashlib.sha256(f"{kind}:{CACHE_VERSION}:{size}:{min_size}".encode())
+def _fingerprint(items: Sequence[tuple[str, os.stat_result]], kind: str, size: int, min_size: int,
+                 classes: object = "auto") -> str:
+    """Cheap source fingerprint: relative paths + byte sizes + mtimes (never the content), the class spec."""
+    h = hashlib.sha256(f"{kind}:{CACHE_VERSION}:{size}:{min_size}:{json.dumps(classes, sort_keys=True)}".encode())
     for rel, st in sorted(items, key=lambda t: t[0]):
         h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
@@ -233,7 +289,7 @@ def _read_cache(path: Path, size: int) -> dict | None:
                              f"{out['images'].shape})")
         return {"images": out["images"], "labels": out["labels"].astype(np.int64),
                 "ids": [str(s) for s in out["ids"]], "hashes": [str(s) for s in out["hashes"]],
-                "dropped": meta.get("dropped", {})}
+                "dropped": meta.get("dropped", {}), "classes": tuple(meta.get("classes", CLASSES))}
     except Exception as e:  # any unreadable cache is rebuilt, never trusted
         warnings.warn(f"ignoring unreadable cache {path} ({type(e).__name__}: {e}); decoding again",
                       stacklevel=3)
@@ -241,7 +297,7 @@ def _read_cache(path: Path, size: int) -> dict | None:
 
 
 def _write_cache(path: Path, d: dict) -> None:
-    meta = json.dumps({"version": CACHE_VERSION, "dropped": d["dropped"]})
+    meta = json.dumps({"version": CACHE_VERSION, "dropped": d["dropped"], "classes": list(d["classes"])})
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
         np.savez(f, images=d["images"], labels=d["labels"], ids=np.array(d["ids"], dtype=str),
                  hashes=np.array(d["hashes"], dtype=str), meta=np.array(meta))
@@ -280,6 +336,22 @@ def _decode_folder(root: Path, folders, size: int, workers: int | None, progress
             "labels": np.asarray(keep_labels, np.int64), "ids": ids, "hashes": hashes, "dropped": dropped}
 
 
+def _npz_classes(spec: dict | str) -> tuple[tuple[str, ...], dict[int, int]]:
+    """(class names, {BloodMNIST label: our label}) for a class spec: auto = the five white-cell classes;
+    "all" = BloodMNIST's eight; or the spec's classes matched by name/alias (other labels dropped)."""
+    if spec == "auto":
+        return CLASSES, dict(BLOODMNIST_TO_WBC)
+    if spec == "all":
+        return BLOODMNIST_CLASSES, {i: i for i in range(len(BLOODMNIST_CLASSES))}
+    table = _alias_table(spec)
+    mapping = {i: table[c] for i, c in enumerate(BLOODMNIST_CLASSES) if c in table}
+    missing = [c for i, c in enumerate(spec) if i not in mapping.values()]
+    if missing:
+        raise ClassFolderError(f"classes {missing} match no BloodMNIST label ({', '.join(BLOODMNIST_CLASSES)}); "
+                               f"give aliases, e.g. {{{missing[0]}: [ig]}}")
+    return tuple(spec), mapping
+
+
 def _npz_images(path: Path, part: str, x: np.ndarray, n_labels: int, min_size: int) -> tuple[np.ndarray, float]:
     """Check one MedMNIST-style image array -> (x as (N, H, W, C), its pixel scale for `to_uint8`).
 
@@ -297,8 +369,11 @@ def _npz_images(path: Path, part: str, x: np.ndarray, n_labels: int, min_size: i
     return x, pixel_scale(x, name)
 
 
-def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_SIDE) -> dict:
-    """MedMNIST BloodMNIST: keep the five white-cell classes, drop (and count) the other three."""
+def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_SIDE,
+                classes: dict | str = "auto") -> dict:
+    """MedMNIST BloodMNIST: by default keep the five white-cell classes and drop (and count) the other
+    three; `classes="all"` keeps all eight (see `_npz_classes`)."""
+    names, to_ours = _npz_classes(classes)
     prefix = path.stem.split("_")[0] or "npz"
     try:
         z = np.load(path, allow_pickle=False)
@@ -320,22 +395,23 @@ def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_S
             for i in tqdm(range(len(x)), desc=f"{path.name}:{part} @{size}px", unit="img",
                           disable=not progress, dynamic_ncols=True, leave=False):
                 lab = int(y[i])
-                if lab not in BLOODMNIST_TO_WBC:
+                if lab not in to_ours:
                     dropped_counts[BLOODMNIST_CLASSES[lab]] += 1
                     continue
                 a = array_to_rgb(x[i], f"{path}:{part}_images[{i}]", scale)
                 hashes.append(hashlib.sha1(a.tobytes()).hexdigest())
                 images.append(a if a.shape[:2] == (size, size) else square_resize(Image.fromarray(a), size))
-                labels.append(BLOODMNIST_TO_WBC[lab])
+                labels.append(to_ours[lab])
                 ids.append(f"{prefix}:{part}:{i}")
     if not images:
-        raise ValueError(f"{path}: no image of the classes {', '.join(CLASSES)} in parts {parts}")
-    return {"images": np.stack(images), "labels": np.asarray(labels, np.int64), "ids": ids,
+        raise ValueError(f"{path}: no image of the classes {', '.join(names)} in parts {parts}")
+    return {"images": np.stack(images), "labels": np.asarray(labels, np.int64), "ids": ids, "classes": names,
             "hashes": hashes, "dropped": {"classes": dict(dropped_counts)} if dropped_counts else {}}
 
 
 def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None = "data/cache",
-             workers: int | None = None, progress: bool = True, min_size: int = MIN_WBC_SIDE) -> WBCData:
+             workers: int | None = None, progress: bool = True, min_size: int = MIN_WBC_SIDE,
+             classes: ClassSpec = None) -> WBCData:
     """Load a WBC set from class folders or a BloodMNIST `.npz`, resized to `image_size` pixels.
 
     Args:
@@ -347,6 +423,9 @@ def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathL
         workers: decoding threads (default: CPU count, at most 8).
         min_size: images whose shorter side is below this many pixels are skipped (default 16; see
             the module docstring); for a `.npz`, whose images share one size, it is an error.
+        classes: the class set (see `class_spec`): by default the folder names (the five WBC classes in
+            their usual order), or for BloodMNIST the five white-cell classes; "all" keeps BloodMNIST's
+            eight; a list or {class: [aliases]} fixes the classes and their order.
     Unreadable or refused images (see `pretrain.images`) are skipped, each named in a warning and in
     `dropped["unreadable"]`; more than half unreadable raises `TooManyBadImagesError`. Too-small ones
     go to `dropped["too_small"]`. Duplicate files (same sha1) are kept and reported.
@@ -357,6 +436,7 @@ def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathL
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size must be a non-negative integer number of pixels, got {min_size!r}")
     min_size = int(min_size)
+    spec = class_spec(classes)
     src = Path(path).expanduser().resolve()
     if src.is_file() and src.suffix.lower() == ".npz":
         kind, items, folders = "npz", [(src.name, src.stat())], None
@@ -364,18 +444,18 @@ def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathL
         raise ValueError(f"{src} is a file but not a .npz; pass a folder of class folders or a "
                          f"MedMNIST bloodmnist*.npz")
     else:
-        folders = class_folders(src)
+        names, folders = class_folders(src, spec)
         kind = "folder"
         items = [(p.relative_to(src).as_posix(), p.stat()) for _, _, files in folders for p in files]
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"wbc_{_fingerprint(items, kind, image_size, min_size)}_{image_size}.npz"
+        cache = Path(cache_dir) / f"wbc_{_fingerprint(items, kind, image_size, min_size, spec)}_{image_size}.npz"
     d = _read_cache(cache, image_size) if cache is not None and cache.is_file() else None
     if d is None:
         if kind == "npz":
-            d = _decode_npz(src, image_size, progress, min_size)
+            d = _decode_npz(src, image_size, progress, min_size, spec)
         else:
-            d = _decode_folder(src, folders, image_size, workers, progress, min_size)
+            d = {**_decode_folder(src, folders, image_size, workers, progress, min_size), "classes": names}
         if cache is not None:
             try:
                 _write_cache(cache, d)
@@ -389,7 +469,7 @@ def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathL
                 warnings.warn(f"{len(bad)} images {what} under {src} were skipped when the cache {cache} was "
                               f"built (e.g. {next(iter(bad))}); see WBCData.dropped[{key!r}]", stacklevel=2)
     data = WBCData(images=d["images"], labels=d["labels"], ids=d["ids"], hashes=d["hashes"], root=str(src),
-                   image_size=image_size, dropped=d["dropped"])
+                   image_size=image_size, dropped=d["dropped"], classes=d["classes"])
     _report(data)
     return data
 
@@ -398,7 +478,8 @@ def _report(data: WBCData) -> None:
     """Warn about dropped classes and exact duplicates (kept; `make_split` keeps each group together)."""
     if data.dropped.get("classes"):
         kept = ", ".join(f"{c} {n}" for c, n in data.class_counts().items())
-        warnings.warn(f"{data.root}: dropped images of classes outside the five: {data.dropped['classes']}; "
+        warnings.warn(f"{data.root}: dropped images of classes outside {', '.join(data.classes)}: "
+                      f"{data.dropped['classes']}; "
                       f"kept {kept}", stacklevel=3)
     groups = find_duplicates(data.hashes)
     if not groups:
@@ -409,5 +490,5 @@ def _report(data: WBCData) -> None:
            f"e.g. {example}; splits keep each group in one part")
     if mixed:
         msg += (f". {len(mixed)} groups carry different labels, e.g. "
-                + ", ".join(f"{data.ids[i]}={CLASSES[data.labels[i]]}" for i in mixed[0]))
+                + ", ".join(f"{data.ids[i]}={data.classes[data.labels[i]]}" for i in mixed[0]))
     warnings.warn(msg, stacklevel=3)

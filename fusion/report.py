@@ -117,6 +117,7 @@ class Summary:
     failed: list[dict]
     paired: list[dict]
     verdicts: dict[float, str]
+    classes: tuple[str, ...] = CLASSES  # of the data the sweep was trained on (from its rows)
 
 
 def summarise(rows: list[dict]) -> Summary:
@@ -159,7 +160,8 @@ def summarise(rows: list[dict]) -> Summary:
         for row, adj in zip(paired, holm([r[f"{m}_p"] for r in paired]), strict=True):
             row[f"{m}_p_holm"] = adj
     verdicts = {f: verdict(f, [p for p in paired if p["fraction"] == f], labels) for f in fractions}
-    return Summary(labels, modes, fractions, dict(cells), failed, paired, verdicts)
+    classes = tuple(next((r["classes"] for r in ok if r.get("classes")), CLASSES))
+    return Summary(labels, modes, fractions, dict(cells), failed, paired, verdicts, classes)
 
 
 def verdict(fraction: float, paired: list[dict], labels: list[str]) -> str:
@@ -237,8 +239,8 @@ def write_tables(summary: Summary, out: Path) -> None:
             runs = list(summary.cells.get((f, lab), {}).values())
             if runs:
                 pc.append([f, lab, len(runs)] + [round(float(np.mean([r["per_class"][c]["recall"] for r in runs])), 6)
-                                                 for c in CLASSES])
-    _write_csv(out / "per_class.csv", ["fraction", "arm", "n_seeds"] + [f"{c}_accuracy" for c in CLASSES], pc)
+                                                 for c in summary.classes])
+    _write_csv(out / "per_class.csv", ["fraction", "arm", "n_seeds"] + [f"{c}_accuracy" for c in summary.classes], pc)
     keys = ["fraction", "arm", "versus", "n_pairs"] + [f"{m}_{k}" for m in METRICS
                                                        for k in ("diff", "lo", "hi", "p", "p_holm")]
     _write_csv(out / "paired.csv", keys, [[p[k] for k in keys] for p in summary.paired])
@@ -277,12 +279,12 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
                   f"{_diff_ci(p, 'macro_f1')} | {fmt_p(p['macro_f1_p'])} | {fmt_p(p['macro_f1_p_holm'])} | "
                   f"{_diff_ci(p, 'accuracy')} |")
     md += ["", "## Per-class accuracy (recall), mean over seeds", "",
-           "| fraction | arm | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]
+           "| fraction | arm | " + " | ".join(summary.classes) + " |", "|---|---|" + "---|" * len(summary.classes)]
     for f in summary.fractions:
         for lab in summary.labels:
             runs = list(summary.cells.get((f, lab), {}).values())
             if runs:
-                vals = [np.mean([r["per_class"][c]["recall"] for r in runs]) for c in CLASSES]
+                vals = [np.mean([r["per_class"][c]["recall"] for r in runs]) for c in summary.classes]
                 md.append(f"| {fmt_pct(f)} | {lab} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     gated = [r for runs in summary.cells.values() for r in runs.values() if r.get("gate_weights")]
     if gated:
@@ -308,7 +310,7 @@ def make_report(run_dir: str | os.PathLike) -> Path:
     write_tables(summary, out)
     figures = [plot_metric_vs_fraction(summary, out / "metric_vs_fraction.png")]
     for (f, lab), runs in sorted(summary.cells.items()):
-        figures.append(plot_confusion([r["confusion"] for r in runs.values()], CLASSES,
+        figures.append(plot_confusion([r["confusion"] for r in runs.values()], summary.classes,
                                       out / f"confusion_{f:g}_{lab.replace(' ', '').replace('(', '-').strip(')')}.png",
                                       title=f"{lab}, {fmt_pct(f)}, {len(runs)} seed(s) summed"))
     path = out / "report.md"

@@ -3,8 +3,8 @@
 Shared CPUs change speed from day to day (1.5x on the study's machine), so a wall time means little
 without the machine's speed beside it. `ms_per_step` times batch-64 AdamW steps of `SmallCNN` with the
 package's augmentation on random images (the cost does not depend on the pixels); the real study
-records it when it starts and when it ends (`speed.json`), and `benchmarks/real_study/step_speed.py`
-compares layouts with it.
+records it when it starts and when it ends (`speed.json`); `benchmarks/real_study/NOTES.md` has the
+layouts it was first used to compare.
 """
 
 from __future__ import annotations

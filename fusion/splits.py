@@ -32,7 +32,7 @@ from sklearn.model_selection import train_test_split
 
 from pretrain.utils import atomic_path, atomic_write_json
 
-from .data import CLASSES, WBCData, find_duplicates, load_wbc
+from .data import WBCData, find_duplicates, load_wbc
 
 FORMAT = "wbc-fusion-split"
 VERSION = 1
@@ -62,8 +62,8 @@ def fraction_key(f: float) -> str:
     return repr(v)
 
 
-def _counts(ids: Iterable[str], labels: dict[str, str]) -> dict[str, int]:
-    out = dict.fromkeys(CLASSES, 0)
+def _counts(ids: Iterable[str], labels: dict[str, str], classes: Iterable[str]) -> dict[str, int]:
+    out = dict.fromkeys(classes, 0)
     for i in ids:
         out[labels[i]] += 1
     out["total"] = sum(out.values())
@@ -87,14 +87,14 @@ def _fraction_ids(split: dict, f: float, warn: bool = True) -> list[str]:
     return [i for i in split["parts"]["train"] if i in chosen]
 
 
-def _stratified(units: np.ndarray, y: np.ndarray, size: float, seed: int, what: str):
+def _stratified(units: np.ndarray, y: np.ndarray, size: float, seed: int, what: str, classes: tuple[str, ...]):
     """Split unit indices in two, stratified by `y`; size is the fraction going to the second part."""
     if size <= 0:
         return units, units[:0]
     try:
         return train_test_split(units, test_size=size, stratify=y, random_state=seed)
     except ValueError as e:
-        counts = ", ".join(f"{c} {int((y == k).sum())}" for k, c in enumerate(CLASSES))
+        counts = ", ".join(f"{c} {int((y == k).sum())}" for k, c in enumerate(classes))
         raise SplitError(f"cannot split off a stratified {what} of {size:.0%} from {len(units)} images "
                          f"({counts}): {e}. Use more images per class or a smaller/zero --{what}") from e
 
@@ -121,24 +121,25 @@ def make_split(data: WBCData, val: float = 0.15, test: float = 0.15,
                    key=lambda g: g[0])
     y = np.array([int(data.labels[g[0]]) for g in units])
     idx = np.arange(len(units))
-    rest, test_u = _stratified(idx, y, test, seed, "test")
+    classes = tuple(data.classes)
+    rest, test_u = _stratified(idx, y, test, seed, "test", classes)
     rest_val = val / (1 - test)
-    train_u, val_u = _stratified(rest, y[rest], rest_val, seed + 1, "val")
+    train_u, val_u = _stratified(rest, y[rest], rest_val, seed + 1, "val", classes)
     rows = {p: sorted(i for u in us for i in units[u]) for p, us in zip(PARTS, (train_u, val_u, test_u),
                                                                         strict=True)}
-    labels = {data.ids[i]: CLASSES[int(data.labels[i])] for i in range(len(data))}
+    labels = {data.ids[i]: classes[int(data.labels[i])] for i in range(len(data))}
     parts = {p: [data.ids[i] for i in r] for p, r in rows.items()}
-    missing = [c for c, n in _counts(parts["train"], labels).items() if n == 0 and c != "total"]
+    missing = [c for c, n in _counts(parts["train"], labels, classes).items() if n == 0 and c != "total"]
     if missing:
         raise SplitError(f"the training part has no image of {', '.join(missing)}; "
                          f"{data.root} holds {data.class_counts()}: add images of these classes")
     rng = np.random.default_rng(seed)
     train_order = {}
-    for cls in CLASSES:
+    for cls in classes:
         ids = [i for i in parts["train"] if labels[i] == cls]
         train_order[cls] = [ids[j] for j in rng.permutation(len(ids))]
     split = {
-        "format": FORMAT, "version": VERSION, "seed": int(seed), "classes": list(CLASSES),
+        "format": FORMAT, "version": VERSION, "seed": int(seed), "classes": list(classes),
         "source": data.root, "n": len(data), "val": float(val), "test": float(test),
         "parts": parts,
         "hashes": {data.ids[i]: data.hashes[i] for i in range(len(data))},
@@ -146,7 +147,7 @@ def make_split(data: WBCData, val: float = 0.15, test: float = 0.15,
         "train_order": train_order,
         "fractions": {},
         "duplicate_groups": [[data.ids[i] for i in g] for g in groups],
-        "counts": {p: _counts(ids, labels) for p, ids in parts.items()},
+        "counts": {p: _counts(ids, labels, classes) for p, ids in parts.items()},
         "dropped": data.dropped,
     }
     for f in sorted(keys.values()):
@@ -158,7 +159,7 @@ def add_fraction(split: dict, f: float) -> dict:
     """Add label fraction `f` of train to `split` (in place; also returned). Nests with existing ones."""
     key = fraction_key(f)
     split["fractions"][key] = _fraction_ids(split, float(f))
-    split["counts"][f"fraction:{key}"] = _counts(split["fractions"][key], split["labels"])
+    split["counts"][f"fraction:{key}"] = _counts(split["fractions"][key], split["labels"], split["classes"])
     split["fractions"] = dict(sorted(split["fractions"].items(), key=lambda kv: float(kv[0])))
     return split
 
@@ -172,8 +173,8 @@ def validate_split(split: dict, source: str = "split") -> dict:
     missing = [k for k in _KEYS if k not in split]
     if missing:
         raise SplitError(f"{source}: missing key(s) {missing}; re-create it with scripts/make_split.py")
-    if list(split["classes"]) != list(CLASSES):
-        raise SplitError(f"{source}: classes {split['classes']} differ from {list(CLASSES)}")
+    if not isinstance(split["classes"], list) or len(split["classes"]) < 2:
+        raise SplitError(f"{source}: classes must list at least 2 class names, got {split['classes']!r}")
     if sorted(split["parts"]) != sorted(PARTS):
         raise SplitError(f"{source}: parts {sorted(split['parts'])}, expected {list(PARTS)}")
     seen: dict[str, str] = {}
@@ -243,6 +244,9 @@ def split_indices(split: dict, data: WBCData, part: str, fraction: float | None 
     """
     if part not in PARTS:
         raise SplitError(f"unknown part {part!r}; expected one of {list(PARTS)}")
+    if list(split["classes"]) != list(data.classes):
+        raise SplitMismatchError(f"the split's classes {split['classes']} differ from those of the data loaded "
+                                 f"from {data.root} ({list(data.classes)}); make a split for this class set")
     if fraction is None or (part == "train" and float(fraction) == 1.0):
         ids = split["parts"][part]
     elif part != "train":
@@ -262,8 +266,8 @@ def split_indices(split: dict, data: WBCData, part: str, fraction: float | None 
             raise SplitMismatchError(f"{data.root}: {i!r} has content sha1 {data.hashes[r][:12]}..., but the "
                                      f"split recorded {split['hashes'][i][:12]}...: the file changed since the "
                                      f"split was made; make a new split or restore the file")
-        if CLASSES[int(data.labels[r])] != split["labels"][i]:
-            raise SplitMismatchError(f"{data.root}: {i!r} is labelled {CLASSES[int(data.labels[r])]} but the "
+        if data.classes[int(data.labels[r])] != split["labels"][i]:
+            raise SplitMismatchError(f"{data.root}: {i!r} is labelled {data.classes[int(data.labels[r])]} but the "
                                      f"split says {split['labels'][i]}")
     return rows
 
@@ -281,13 +285,14 @@ class SplitConfig:
     fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS),
                                    metadata={"help": "label fractions of train, each in (0, 1]"})
     cache_dir: str = field(default="data/cache", metadata={"help": "decoded-image cache; '' for none"})
+    classes: list[str] | dict | str = field(default_factory=list, metadata={"help": "class set: the folder names by default (the five WBC classes in their usual order); a list, or name -> aliases in YAML ({neutrophil: [SNE, BNE]}); 'all' keeps BloodMNIST's 8 classes"})
 
 
 def run_make_split(cfg: SplitConfig) -> dict:
     """Load `cfg.data`, make the split, save it to `cfg.out`, print a one-line count per part."""
     if not cfg.data:
         raise SplitError("no data given; pass --data DIR (class folders) or --data bloodmnist.npz")
-    data = load_wbc(cfg.data, cfg.image_size, cache_dir=cfg.cache_dir or None)
+    data = load_wbc(cfg.data, cfg.image_size, cache_dir=cfg.cache_dir or None, classes=cfg.classes)
     split = make_split(data, val=cfg.val, test=cfg.test, fractions=cfg.fractions, seed=cfg.seed)
     save_split(split, cfg.out)
     for name, c in split["counts"].items():

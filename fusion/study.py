@@ -100,7 +100,7 @@ def study_checkpoints(folder: str | os.PathLike) -> dict[str, Path]:
 def machine_info() -> dict:
     """The machine a record was made on. The CPU's family/model and the vector instructions torch's kernels use
     are part of it: the same config gives slightly different numbers on CPUs whose kernels differ
-    (`benchmarks/real_study/CPU_EFFECT.md`)."""
+    (`benchmarks/real_study/NOTES.md`, "Another CPU against the record")."""
     import torch
 
     cpu, info = platform.processor() or platform.machine(), {}
@@ -169,7 +169,8 @@ def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dic
     fractions, seeds = list(pilot.get("fractions", [0.01, 0.1])), list(pilot.get("seeds", [0]))
     base = {k: v for k, v in sweep_kw.items() if k in RunConfig.__dataclass_fields__}
     base.update({"eval_test": False, "progress": False, "curves": False})
-    data = load_wbc(base["data"], base.get("image_size", 48), base.get("cache_dir") or None, progress=False)
+    data = load_wbc(base["data"], base.get("image_size", 48), base.get("cache_dir") or None, progress=False,
+                    classes=base.get("classes"))
     split = load_split(base["split"])
     scores: dict[str, list[dict]] = {m: [] for m in modes}
     for mode in modes:

@@ -12,7 +12,7 @@ ends with the same results as an uninterrupted one. `scratch` has no fusion, so 
 The run list is deterministic and `run_one(spec, ctx)` trains one run from a `RunConfig` alone
 (`ctx` only shares already-loaded data). `workers: N` trains N runs at once in spawned processes with
 `worker_threads` torch threads each. On 2 CPU cores it finished whole real runs only 1.09x faster than
-one run at a time on two threads (benchmarks/real_study/WORKERS_SPEED.md); it pays off with more
+one run at a time on two threads (benchmarks/real_study/NOTES.md); it pays off with more
 cores. A run's numbers depend on its thread count (recorded as `torch_threads`), not on which process
 or in which order it ran. Each worker process computes the frozen features it needs once for itself.
 """
@@ -144,7 +144,7 @@ def _init_worker(cfg: SweepConfig, split_path: str) -> None:
 
     global _WORKER_CTX
     torch.set_num_threads(cfg.worker_threads)
-    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=False)
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=False, classes=cfg.classes)
     _WORKER_CTX = SweepContext(data, load_split(split_path))
 
 
@@ -263,7 +263,8 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
         return results_path
 
     t0 = time.perf_counter()
-    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress)
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress,
+                    classes=cfg.classes)
     split_path = Path(cfg.split) if cfg.split else out / "split.json"
     split = prepare_split(cfg, data, split_path, cfg.fractions)
     ctx = SweepContext(data, split, features if features is not None else FeatureCache())

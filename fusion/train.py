@@ -9,7 +9,7 @@ Training is step-based: a run takes `epochs` passes over its training images, bu
 `min_steps` optimizer steps (a 1% run samples its few images repeatedly, each time freshly augmented)
 and never more than `max_steps`. The learning rate warms up linearly, then follows a cosine to zero;
 the run is validated `evals` times at even intervals and the best-on-validation weights (macro-F1) are
-the ones tested. Why (measured on real PBC validation data, see benchmarks/real_study/TUNING.md):
+the ones tested. Why (measured on real PBC validation data, see benchmarks/real_study/NOTES.md, "Tuning"):
 epoch-counted early stopping with ReduceLROnPlateau stopped 10% runs after ~400 noisy steps.
 """
 
@@ -42,7 +42,7 @@ from pretrain.utils import (
 )
 
 from .augment import AugConfig, augment
-from .data import CLASSES, WBCData, load_wbc
+from .data import WBCData, load_wbc
 from .encoders import FeatureCache, fusion_sources_config, images_key, images_to_tensor, load_arm_encoders
 from .metrics import classification_metrics
 from .models import CNNConfig, FusionModel, SmallCNN, check_mode
@@ -57,6 +57,7 @@ class RunConfig:
     """One fusion training run (also the per-run defaults of a sweep)."""
 
     data: str = field(default="data/demo/wbc", metadata={"help": "WBC folder of class folders or bloodmnist*.npz"})
+    classes: list[str] | dict | str = field(default_factory=list, metadata={"help": "class set: the folder names by default (the five WBC classes in their usual order); a list, or name -> aliases in YAML ({neutrophil: [SNE, BNE]}); 'all' keeps BloodMNIST's 8 classes"})
     split: str = field(default="", metadata={"help": "split JSON; made once (and saved) if missing; "
                                                      "'' = <out>/split.json"})
     val: float = field(default=0.15, metadata={"help": "val share of all images when the split is made"})
@@ -76,7 +77,7 @@ class RunConfig:
                                                       "[min_steps, max_steps] optimizer steps)"})
     min_steps: int = field(default=800, metadata={
         "help": "train at least this many steps (small fractions; 400 left 10%% runs under-trained, "
-                "benchmarks/real_study/SCRATCH_PROBE.md)"})
+                "benchmarks/real_study/NOTES.md, 'Scratch at 10%%')"})
     max_steps: int = field(default=1500, metadata={"help": "train at most this many steps (0 = no cap)"})
     evals: int = field(default=10, metadata={"help": "validations per run, evenly spaced; the best is kept"})
     batch_size: int = 64
@@ -110,7 +111,7 @@ class RunConfig:
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA"})
     eval_batch_size: int = field(default=128, metadata={
         "help": "images per batch for validation, test and frozen features (the same numbers at any size; "
-                "128 is about twice as fast as 512 on a CPU, benchmarks/real_study/EVAL_BATCH.md)"})
+                "128 is about twice as fast as 512 on a CPU, benchmarks/real_study/NOTES.md)"})
     eval_test: bool = field(default=True, metadata={"help": "evaluate the test split at the end; false for "
                                                            "tuning runs, which must see validation only"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch default"})
@@ -272,10 +273,10 @@ def recalibrate_bn(cnn: SmallCNN, images: torch.Tensor, rows: torch.Tensor, devi
     cnn.train(was_training)
 
 
-def _eval(model, images, feats, rows, labels, device, cfg, loss_weight) -> dict:
+def _eval(model, images, feats, rows, labels, device, cfg, loss_weight, classes) -> dict:
     logits, gates = predict(model, images, feats, rows, device, cfg.eval_batch_size, cfg.amp)
     y = labels[torch.as_tensor(rows)]
-    m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), CLASSES)
+    m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), classes)
     loss = F.cross_entropy(logits, y, weight=loss_weight).item()
     return {"loss": loss, "acc": m["accuracy"], "macro_f1": m["macro_f1"], "metrics": m, "gates": gates}
 
@@ -295,7 +296,7 @@ def _finished(run_dir: Path) -> dict | None:
 # fields that may differ between a validation-only run and the run that reuses it (`val_run`)
 _TWIN_FREE = ("out", "eval_test", "progress", "curves", "overwrite", "val_run")
 # fields that do not change a finished run's numbers: a run may be reused when only these differ
-# (eval_batch_size gives the same numbers at any size, benchmarks/real_study/EVAL_BATCH.md)
+# (eval_batch_size gives the same numbers at any size, benchmarks/real_study/NOTES.md)
 RESULT_FREE = ("out", "progress", "curves", "overwrite", "val_run", "eval_batch_size", "cache_dir")
 
 
@@ -371,7 +372,8 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         torch.set_num_threads(cfg.threads)
     device = get_device(cfg.device)
     if data is None:
-        data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress)
+        data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress,
+                        classes=cfg.classes)
     if data.image_size != cfg.image_size:
         raise ValueError(f"data {data.root} was loaded at {data.image_size}px but the run asks for "
                          f"image_size {cfg.image_size}; load it at the run's size")
@@ -398,12 +400,13 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
 
     # same seed -> same CNN init, batch order and augmentations in every arm (paired comparisons)
     seed_everything(cfg.seed)
-    cnn_cfg = CNNConfig(channels=cfg.cnn_channels, num_classes=len(CLASSES), dropout=cfg.dropout,
+    n_classes = len(data.classes)
+    cnn_cfg = CNNConfig(channels=cfg.cnn_channels, num_classes=n_classes, dropout=cfg.dropout,
                         input_size=cfg.image_size)
     cnn = SmallCNN(cnn_cfg)
-    model = FusionModel(cnn, encoders, cfg.mode, len(CLASSES), cfg.encoder_resize, cfg.dropout).to(device)
+    model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.encoder_resize, cfg.dropout).to(device)
     g = torch.Generator().manual_seed(cfg.seed)
-    loss_weight = class_weight_tensor(data.labels[train_rows], len(CLASSES)) if cfg.class_weights else None
+    loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.class_weights else None
     aug = AugConfig(scale=(cfg.aug_scale_min, 1.0), rotate=cfg.aug_rotate, color=cfg.aug_color) \
         if cfg.augment else None
     feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.label_smoothing)
@@ -422,7 +425,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
 
     def validate(epoch: int) -> dict:
         recalibrate_bn(model.cnn, images, calib_rows, device, bs, cfg.bn_recalibrate)
-        r = _eval(model, images, feats, val_rows, labels, device, cfg, loss_weight)
+        r = _eval(model, images, feats, val_rows, labels, device, cfg, loss_weight, data.classes)
         return {k: r[k] for k in ("loss", "acc", "macro_f1")}
 
     arm = cfg.registry().arm(cfg.arm)
@@ -450,18 +453,18 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
               "val_acc": res.best.get("val_acc"), "epochs_run": len(res.history),
               "steps": len(res.history) * steps, "batch_size": bs, "stopped_early": res.stopped_early}
     if cfg.eval_test:  # once, with the weights chosen on validation
-        test = _eval(model, images, feats, test_rows, labels, device, cfg, loss_weight)
+        test = _eval(model, images, feats, test_rows, labels, device, cfg, loss_weight, data.classes)
         m = test["metrics"]
         result.update({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                        "balanced_accuracy": m.get("balanced_accuracy"), "weighted_f1": m.get("weighted_f1"),
                        "per_class": m["per_class"], "confusion": to_plain(m["confusion"]),
-                       "classes": list(CLASSES), "test_loss": test["loss"], "gate_weights": test["gates"]})
+                       "classes": list(data.classes), "test_loss": test["loss"], "gate_weights": test["gates"]})
     else:
         result.update({"status": "val_only", "accuracy": None, "macro_f1": None})
     if cfg.curves:
         plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc", "macro_f1"),
                     title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
-    save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg),
+    save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg, data.classes),
                     model=res.best_state, input_spec={"size": cfg.image_size, "channels": 3, "range": [0, 1],
                                                       "mean": list(cnn_cfg.mean), "std": list(cnn_cfg.std)},
                     metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
@@ -476,12 +479,13 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     return result
 
 
-def fusion_model_config(model: FusionModel, cfg: RunConfig) -> dict:
+def fusion_model_config(model: FusionModel, cfg: RunConfig, classes: Sequence[str]) -> dict:
     """Plain-dict config that `build_fusion_model` turns back into the same FusionModel."""
     reg = cfg.registry()
     return {"cnn": to_plain(model.cnn.cfg), "mode": model.mode, "num_classes": model.num_classes,
             "encoder_resize": model.encoder_resize, "dropout": cfg.dropout, "arm": cfg.arm, "seed": cfg.seed,
-            "sources": fusion_sources_config(reg, cfg.arm), "twin": reg.arm(cfg.arm).random}
+            "sources": fusion_sources_config(reg, cfg.arm), "twin": reg.arm(cfg.arm).random,
+            "classes": list(classes)}
 
 
 def run(cfg: RunConfig) -> dict:

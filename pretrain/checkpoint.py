@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +98,25 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, config: Any, model: n
     return path
 
 
+def describe_load_error(e: BaseException) -> str:
+    """One line saying why `torch.load` failed, keeping the words of torch's message that explain it.
+
+    torch's weights_only refusal is a paragraph of advice with the reason ("Unsupported global: ...")
+    near its end, so cutting it to a prefix loses the reason; some errors (EOFError of a file cut
+    short) have no message at all and are named by their type.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch bolds part of its message with ANSI codes
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?=\s*Please use|\n\s*\n|$)", text, flags=re.DOTALL)
+    if m:
+        reason = " ".join(m.group(1).split()).rstrip(".")
+        if reason.startswith("Unsupported global"):
+            return f"it contains Python objects that weights_only=True refuses to load ({reason})"
+        return f"the weights_only=True unpickler cannot read it ({reason})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = f": {lines[0][:200]}" if lines else " (no message: the file is probably cut short)"
+    return f"{type(e).__name__}{detail}"
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
                     map_location: str | torch.device = "cpu") -> dict:
     """Load and validate a checkpoint with `weights_only=True`.
@@ -108,14 +128,16 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is not a loadable torch checkpoint: the file is empty (0 bytes, e.g. "
+                              f"left by a copy that was cut short); delete it and train or copy it again")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     # the weights_only unpickler raises KeyError/IndexError/... on arbitrary bytes (e.g. a text file)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError,
             KeyError, IndexError, TypeError, AttributeError) as e:
-        raise CheckpointError(
-            f"{path} is not a loadable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"expected a file written by this package's save_checkpoint") from e
+        raise CheckpointError(f"{path} is not a loadable torch checkpoint: {describe_load_error(e)}; "
+                              f"expected a file written by this package's save_checkpoint") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = (f"a dict with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}")
         raise CheckpointError(f"{path} is not a wbc-fusion checkpoint: it holds {what}; "

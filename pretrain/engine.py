@@ -3,7 +3,8 @@
 `train_one_epoch(...) -> dict` and `evaluate(...) -> dict` average per-sample meters;
 `fit(...)` runs epochs with ReduceLROnPlateau, keeps a real copy of the best-on-validation weights,
 logs one JSON line per epoch, optionally stops early, and calls `on_best` so callers can save
-checkpoints atomically as soon as a new best appears (an interrupted run keeps the last good one).
+checkpoints atomically as soon as a new best appears (an interrupted run keeps the last good one);
+`on_state`/`resume` let a caller save its state every epoch and continue a killed run exactly.
 """
 
 from __future__ import annotations
@@ -112,12 +113,19 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict], va
         plateau_patience: int | None = 3, plateau_factor: float = 0.5, early_stop: int | None = None,
         log_path: str | Path | None = None, on_best: Callable[[int, dict], None] | None = None,
         on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-        desc: str = "epochs") -> FitResult:
+        desc: str = "epochs", resume: dict | None = None,
+        on_state: Callable[[dict], None] | None = None) -> FitResult:
     """Run `epochs` of `train_epoch(epoch) -> {"loss",...}` then `validate(epoch) -> {...}`.
 
     Log rows are {"epoch", "lr", "seconds", "train_<k>", "val_<k>"}; `monitor` names one of them.
     The best state dict is deep-copied (not a reference to the live weights). `plateau_patience=None`
     leaves the learning rate alone (for callers that step their own per-batch schedule).
+
+    Resuming: at the end of every epoch `on_state(state)` receives fit's own counters as plain types
+    (epoch, best value/epoch/row/weights, epochs since best, stopped_early, history, scheduler state,
+    seconds); the caller adds model, optimizer and RNG states and saves them. `resume=state` restores
+    the counters and the scheduler and continues at `state["epoch"] + 1` (nothing left to do when it
+    had stopped early); the caller restores model, optimizer and RNGs itself before calling fit.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -126,9 +134,17 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict], va
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
     best_val = math.inf if mode == "min" else -math.inf
     res = FitResult(best_epoch=-1, best={})
-    since_best = 0
+    since_best, start, seconds_before = 0, 1, 0.0
+    if resume is not None:
+        best_val, since_best, seconds_before = resume["best_value"], resume["since_best"], resume["seconds"]
+        res.best_epoch, res.best, res.best_state = resume["best_epoch"], dict(resume["best"]), resume["best_state"]
+        res.history, res.stopped_early = list(resume["history"]), resume["stopped_early"]
+        if sched is not None and resume.get("scheduler") is not None:
+            sched.load_state_dict(resume["scheduler"])
+        start = epochs + 1 if res.stopped_early else resume["epoch"] + 1
     t_start = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(start, epochs + 1), desc=desc, disable=not progress, dynamic_ncols=True,
+               initial=min(start - 1, epochs), total=epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         tr = train_epoch(epoch)
@@ -159,8 +175,13 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict], va
         if on_epoch is not None:
             on_epoch(epoch, row)
         bar.set_postfix({monitor: f"{value:.4f}", "best": f"{best_val:.4f}"})
-        if early_stop is not None and since_best >= early_stop:
-            res.stopped_early = True
+        res.stopped_early = early_stop is not None and since_best >= early_stop
+        if on_state is not None:
+            on_state({"epoch": epoch, "best_value": best_val, "best_epoch": res.best_epoch, "best": res.best,
+                      "best_state": res.best_state, "since_best": since_best, "stopped_early": res.stopped_early,
+                      "history": res.history, "scheduler": None if sched is None else sched.state_dict(),
+                      "seconds": seconds_before + time.perf_counter() - t_start})
+        if res.stopped_early:
             break
-    res.seconds = time.perf_counter() - t_start
+    res.seconds = seconds_before + time.perf_counter() - t_start
     return res

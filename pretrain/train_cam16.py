@@ -4,15 +4,16 @@ Patches come from `pretrain.patches.open_patch_dataset` (our HDF5 store, PatchCa
 with normal/ and tumor/), are split by slide (`split_by_slide`), decoded once into memory when they
 fit (`in_memory_gb`), augmented with flips, 90-degree rotations and mild stain-like colour jitter.
 
-Run folder (`cfg.run_dir`): config.yaml, split.json, log.jsonl (one JSON line per epoch),
-curves.png (loss + accuracy), confusion.png, metrics.json, test_predictions.npz, best.pt.
-The best-on-validation model is written to `cfg.out` atomically every time it improves; test metrics are computed once, at the end,
-with those best weights, and added to the checkpoint.
+Run folder (`cfg.run_dir`): config.yaml, split.json, log.jsonl (one JSON line per epoch), last.pt
+(the training state, every epoch), best.pt (best on validation so far; at the end with its test
+metrics), curves.png (loss + accuracy), confusion.png, test_predictions.npz and, last, metrics.json.
+Test metrics are computed once, at the end, with the best weights. Rerunning a killed run resumes it
+exactly; a finished one is reused; `cfg.out` gets a copy of best.pt at the end unless it holds a
+better model (see `pretrain.resume`).
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +27,10 @@ from tqdm.auto import tqdm
 
 from .cam16_split import CLASSES, LeakySplitWarning, binary_metrics, describe_split, split_by_slide
 from .checkpoint import save_checkpoint
-from .config import start_run, to_plain
 from .engine import evaluate, fit, train_one_epoch
 from .plots import plot_curves, save_figure
 from .resnet import Cam16ResNet, ResNetConfig
+from .resume import NEUTRAL_FIELDS, check_config, finish_run, open_run, restore_state, rewrite_log, save_state
 from .utils import (
     atomic_write_json,
     count_parameters,
@@ -40,6 +41,9 @@ from .utils import (
 )
 
 KIND = "cam16_resnet"
+# Besides NEUTRAL_FIELDS: in memory or streamed, a patch goes through the same resize. `num_workers`
+# is compared: each worker draws its own augmentation stream.
+RESUME_NEUTRAL = (*NEUTRAL_FIELDS, "in_memory_gb")
 __all__ = ["CLASSES", "Cam16Config", "LeakySplitWarning", "PatchTransform", "binary_metrics", "describe_split",
            "fit_cam16", "split_by_slide"]
 
@@ -74,6 +78,7 @@ class Cam16Config:
     in_memory_gb: float = 4.0  # decode patches once into RAM when they take less than this
     amp: bool = True  # bfloat16 autocast on CUDA only
     progress: bool = True
+    overwrite: bool = False  # replace `out` whatever it holds; start over a run folder of another config
 
     def __post_init__(self) -> None:
         for name in ("image_size", "epochs", "batch_size"):
@@ -217,13 +222,22 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
 
     Returns:
         metrics.json's content: {"test": binary_metrics(...), "best_epoch", "best_val", "split",
-        "checkpoint", "seconds", ...}.
+        "checkpoint", "seconds", ...}. A run folder with the state of a killed run of the same
+        config resumes it; a finished one returns its metrics without training.
+
+    Raises:
+        RunMismatchError: `cfg.run_dir` holds a run of another config or data (and not `cfg.overwrite`).
     """
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
     model_cfg = cfg.model_config()
-    run_dir = start_run(cfg.run_dir, cfg)
+    run_dir = check_config(cfg.run_dir, cfg, RESUME_NEUTRAL)
     log_path = run_dir / "log.jsonl"
+    fingerprint = _data_fingerprint(Path(cfg.data)) if Path(cfg.data).exists() else ""
+    metric, mode = cfg.monitor, "min" if cfg.monitor == "val_loss" else "max"
+    status, prior = open_run(run_dir, cfg, fingerprint, device)
+    if status == "done":
+        return finish_run(run_dir, cfg, prior, kind=KIND, metric=metric, mode=mode, reused=True)
 
     if dataset is None:
         from .patches import open_patch_dataset
@@ -261,9 +275,10 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
         return _Patches(dataset, labels_all[idx], tf, indices=idx)
 
     train_ds, val_ds, test_ds = part(split["train"], train_tf), part(split["val"], eval_tf), part(split["test"], eval_tf)
-    loader_kw = dict(num_workers=cfg.num_workers, worker_init_fn=_worker_init, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.num_workers > 0)
+    loader_kw = dict(num_workers=cfg.num_workers, worker_init_fn=_worker_init, pin_memory=device.type == "cuda")
     g = torch.Generator().manual_seed(cfg.seed)
+    # workers start afresh every epoch, seeded from `g` (training) or torch's RNG: persistent ones would
+    # carry augmentation streams that last.pt cannot capture, and a resumed run would see other patches
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
                           drop_last=len(train_ds) % cfg.batch_size == 1, **loader_kw)  # no batch of 1 for BN
     val_dl = DataLoader(val_ds, batch_size=cfg.batch_size * 2, **loader_kw)
@@ -280,8 +295,8 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
     data_info = {"source": getattr(dataset, "source", cfg.data), "path": str(cfg.data),
                  "patch_size": int(dataset.patch_size), "n_patches": int(len(keep)),
                  "split": info["parts"], "split_leaks": info["leaks"]}
-    if Path(cfg.data).exists():
-        data_info["fingerprint"] = _data_fingerprint(Path(cfg.data))
+    if fingerprint:
+        data_info["fingerprint"] = fingerprint
     if cfg.progress:
         p = info["parts"]
         tqdm.write(f"cam16: {len(keep)} patches from {len(np.unique(slides_all[keep]))} slides; "
@@ -291,20 +306,32 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
                      f"device {device}, {'in memory' if in_memory else 'streamed'}")
 
     def save(metrics: dict) -> None:
-        save_checkpoint(cfg.out, kind=KIND, config=model_cfg, model=model, input_spec=model.input_spec(),
-                        metrics=metrics, data=data_info, train=cfg)
+        save_checkpoint(run_dir / "best.pt", kind=KIND, config=model_cfg, model=model,
+                        input_spec=model.input_spec(), metrics=metrics, data=data_info, train=cfg)
 
+    def on_state(state: dict) -> None:
+        save_state(run_dir / "last.pt", state, cfg=cfg, fingerprint=fingerprint, device=device, model=model,
+                   optimizer=opt, generator=g, augment=train_tf.compose)
+
+    resume = None
+    if status == "resume":
+        rewrite_log(log_path, prior["fit"]["history"])
+        # last: everything above drew the same random numbers as in the first start
+        resume = restore_state(prior, model, opt, g, augment=train_tf.compose)
+        if cfg.progress:
+            tqdm.write(f"cam16: resuming {run_dir} after epoch {resume['epoch']}")
     train_step, eval_step = _ce_step(weight), _ce_step(None)
     res = fit(model, epochs=cfg.epochs,
               train_epoch=lambda e: train_one_epoch(model, train_dl, train_step, opt, device, amp=amp,
                                                     desc=f"epoch {e}", progress=cfg.progress),
               validate=lambda e: evaluate(model, val_dl, eval_step, device, amp=amp),
-              optimizer=opt, monitor=cfg.monitor, mode="min" if cfg.monitor == "val_loss" else "max",
+              optimizer=opt, monitor=metric, mode=mode,
               plateau_patience=cfg.plateau_patience, early_stop=cfg.early_stop or None, log_path=log_path,
-              on_best=lambda e, row: save({"best_epoch": e, **row}), progress=cfg.progress, desc="cam16")
+              on_best=lambda e, row: save({"best_epoch": e, **row}), progress=cfg.progress, desc="cam16",
+              resume=resume, on_state=on_state)
     if res.best_state is None:
-        raise RuntimeError(f"cam16: {cfg.monitor} was never finite in {len(res.history)} epochs "
-                           f"(see {log_path}); nothing to save")
+        raise ValueError(f"cam16: {cfg.monitor} was never finite in {len(res.history)} epochs "
+                         f"(see {log_path}); nothing to save: lower --lr or check the patches")
     model.load_state_dict(res.best_state)
 
     prob, y = predict(model, test_dl, device)
@@ -315,11 +342,8 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
                                                                          if k.startswith("val_")},
                "epochs_run": len(res.history), "stopped_early": res.stopped_early,
                "seconds": round(res.seconds, 1), "split": info["parts"], "split_leaks": info["leaks"],
-               "checkpoint": str(cfg.out), "arch": cfg.arch, "image_size": cfg.image_size,
-               "device": str(device)}
+               "arch": cfg.arch, "image_size": cfg.image_size, "device": str(device), "fingerprint": fingerprint}
     save({"best_epoch": res.best_epoch, **res.best, "test": test})
-    shutil.copyfile(cfg.out, run_dir / "best.pt")
-    atomic_write_json(run_dir / "metrics.json", to_plain(metrics))
     plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc"),
                 title=f"CAM16 {cfg.arch} ({cfg.image_size}px)")
     auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
@@ -329,5 +353,5 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
         tqdm.write(f"cam16: best epoch {res.best_epoch} ({cfg.monitor} {res.best.get(cfg.monitor, float('nan')):.4f}); "
                    f"test on {test['n']} patches: accuracy {test['accuracy']:.3f}, AUC {auc}, F1 {test['f1']:.3f}, "
                    f"confusion {test['confusion_matrix']}" + (f" ({test['auc_note']})" if "auc_note" in test else "")
-                   + f"; checkpoint {cfg.out}, run folder {run_dir}")
-    return metrics
+                   + f"; run folder {run_dir}")
+    return finish_run(run_dir, cfg, metrics, kind=KIND, metric=metric, mode=mode)

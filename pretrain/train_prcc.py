@@ -1,8 +1,9 @@
 """Pretrain the PRCC convolutional autoencoder: config dataclass and `fit_prcc(cfg) -> metrics`.
 
-Run folder (`cfg.run_dir`): config.yaml, log.jsonl (one JSON line per epoch), loss_curve.png,
-reconstructions.png, metrics.json. The best-on-validation model is written to `cfg.out` atomically
-every time it improves, so an interrupted run leaves the last good checkpoint in place.
+Run folder (`cfg.run_dir`): config.yaml, log.jsonl (one JSON line per epoch), last.pt (the training
+state, every epoch), best.pt (best on validation so far), loss_curve.png, reconstructions.png and,
+last, metrics.json. Rerunning a killed run resumes it exactly; a finished one is reused; `cfg.out`
+gets a copy of best.pt at the end unless it holds a better model (see `pretrain.resume`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from tqdm.auto import tqdm
 
 from .autoencoder import AEConfig, ConvAutoencoder
 from .checkpoint import save_checkpoint
-from .config import start_run, to_plain
 from .engine import evaluate, fit, train_one_epoch
 from .plots import image_grid, plot_curves
 from .prcc import (
@@ -33,9 +33,15 @@ from .prcc import (
     mean_image_mse,
     split_by_image,
 )
-from .utils import atomic_write_json, count_parameters, get_device, seed_everything, seed_worker
+from .resume import NEUTRAL_FIELDS, check_config, finish_run, open_run, restore_state, rewrite_log, save_state
+from .utils import count_parameters, get_device, seed_everything, seed_worker
 
 KIND = "prcc_autoencoder"
+# Besides NEUTRAL_FIELDS, the bad-file threshold does not change the weights once a run has started:
+# the data themselves are checked by fingerprint. `num_workers` does change them although each crop
+# is seeded by (seed, epoch, index): the progress bar (tqdm.auto) opens and drops one loader iterator
+# per epoch, whose workers prefetch and so draw the shuffle order from the generator early.
+RESUME_NEUTRAL = (*NEUTRAL_FIELDS, "max_bad_fraction")
 
 
 @dataclass
@@ -70,6 +76,7 @@ class PRCCConfig:
     amp: bool = True  # bfloat16 autocast on CUDA only
     max_bad_fraction: float = 0.5  # error when more than this fraction of files cannot be decoded
     progress: bool = True
+    overwrite: bool = False  # replace `out` whatever it holds; start over a run folder of another config
 
     def __post_init__(self) -> None:
         for name in ("image_size", "epochs", "batch_size", "crops_per_image", "val_crops_per_image"):
@@ -132,16 +139,23 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
     """Train the autoencoder on random crops of `images` (default: every image under `cfg.data`).
 
     Returns the final metrics: best val_mse and its epoch, the mean-image baseline MSE on the same
-    fixed validation crops, their ratio, counts, seconds and the checkpoint path.
+    fixed validation crops, their ratio, counts, seconds and the checkpoint path. A run folder with
+    the state of a killed run of the same config resumes it; a finished one returns its metrics.
+
+    Raises:
+        RunMismatchError: `cfg.run_dir` holds a run of another config or data (and not `cfg.overwrite`).
     """
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
     model_cfg = cfg.model_config()  # validates image_size vs depth before any decoding
-    run_dir = start_run(cfg.run_dir, cfg)
+    run_dir = check_config(cfg.run_dir, cfg, RESUME_NEUTRAL)
     log_path = run_dir / "log.jsonl"
 
     if images is None:
         images = load_training_images(cfg)
+    status, prior = open_run(run_dir, cfg, images.fingerprint, device)
+    if status == "done":
+        return finish_run(run_dir, cfg, prior, kind=KIND, metric="val_mse", mode="min", reused=True)
     group_regex = cfg.group_regex or (r"^[^@]+@" if cfg.slides else "")  # slide tiles: split by slide
     train_idx, val_idx = split_by_image(images.names, cfg.val_fraction, cfg.seed, group_regex)
     train_arrays = [images.arrays[i] for i in train_idx]
@@ -180,21 +194,35 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
         return {"loss": m["loss"], "mse_over_baseline": _ratio(m["loss"], baseline)}
 
     def on_best(epoch: int, row: dict) -> None:
-        save_checkpoint(cfg.out, kind=KIND, config=model_cfg, model=model, input_spec=model.input_spec(),
+        save_checkpoint(run_dir / "best.pt", kind=KIND, config=model_cfg, model=model,
+                        input_spec=model.input_spec(), data=data_info, train=cfg,
                         metrics={"epoch": epoch, "val_mse": row["val_loss"], "train_mse": row["train_loss"],
-                                 "baseline_mse": baseline, "val_variance": val_var},
-                        data=data_info, train=cfg)
+                                 "baseline_mse": baseline, "val_variance": val_var})
 
     def on_epoch(epoch: int, row: dict) -> None:
         if cfg.progress:
             tqdm.write(json.dumps(row))
 
+    def on_state(state: dict) -> None:
+        save_state(run_dir / "last.pt", state, cfg=cfg, fingerprint=images.fingerprint, device=device,
+                   model=model, optimizer=opt, generator=g)
+
+    resume = None
+    if status == "resume":
+        rewrite_log(log_path, prior["fit"]["history"])
+        resume = restore_state(prior, model, opt, g)  # last: everything above drew the same random numbers
+        if cfg.progress:
+            tqdm.write(f"prcc: resuming {run_dir} after epoch {resume['epoch']}")
     res = fit(model, epochs=cfg.epochs, train_epoch=train_epoch, validate=validate, optimizer=opt,
               monitor="val_loss", plateau_patience=cfg.plateau_patience,
               early_stop=cfg.early_stop or None, log_path=log_path, on_best=on_best, on_epoch=on_epoch,
-              progress=cfg.progress)
+              progress=cfg.progress, resume=resume, on_state=on_state)
+    if res.best_state is None:
+        raise ValueError(f"prcc: val_loss was never finite in {len(res.history)} epochs (see {log_path}); "
+                         f"nothing to save: lower --lr or check the images")
 
     model.load_state_dict(res.best_state)
+    on_best(res.best_epoch, res.best)  # best.pt from the kept weights, whatever happened to the file
     plot_curves(res.history, run_dir / "loss_curve.png", metrics=("loss",), logy=True,
                 title=f"PRCC autoencoder MSE (mean-image baseline {baseline:.4f})")
     _grid(model, val_crops, device, run_dir / "reconstructions.png")
@@ -215,8 +243,6 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
         "n_val_crops": int(len(val_crops)),
         "parameters": count_parameters(model),
         "device": str(device),
-        "checkpoint": str(cfg.out),
         "fingerprint": images.fingerprint,
     }
-    atomic_write_json(run_dir / "metrics.json", to_plain(metrics))
-    return metrics
+    return finish_run(run_dir, cfg, metrics, kind=KIND, metric="val_mse", mode="min")

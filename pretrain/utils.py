@@ -228,7 +228,7 @@ def fingerprint_files(paths: Iterable[str | os.PathLike], root: str | os.PathLik
 def eval_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, stop) of consecutive batches over n items for inference. A lone last item joins the batch
     before it: on a CPU a batch of one takes another kernel path and can change the last bits of its
-    output, while any other batch size gives the same numbers (benchmarks/real_study/EVAL_BATCH.md)."""
+    output, while any other batch size gives the same numbers (benchmarks/real_study/NOTES.md)."""
     bounds = [*range(0, n, max(1, batch_size)), n]
     if len(bounds) > 2 and n - bounds[-2] == 1:
         del bounds[-2]

@@ -169,7 +169,7 @@ def test_warmup_cosine_schedule_shape():
 
 
 def test_predictions_do_not_depend_on_the_eval_batch_size():
-    """eval_batch_size is a speed knob only (EVAL_BATCH.md): the same logits, bit for bit, at any size.
+    """eval_batch_size is a speed knob only (real_study/NOTES.md): the same logits, bit for bit, at any size.
     257 rows leave a lone image at 128 and 64, which alone would take another kernel path."""
     torch.manual_seed(0)
     model = FusionModel(SmallCNN(CNNConfig(channels=[8, 16, 32], input_size=24)), {})

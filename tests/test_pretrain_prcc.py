@@ -38,8 +38,8 @@ def _images(folder: Path, n: int = 6, size: int = 40, seed: int = 0) -> Path:
 
 
 def _cfg(tmp_path: Path, data: Path, **kw) -> PRCCConfig:
-    return PRCCConfig(data=str(data), out=str(tmp_path / "new" / "folder" / "ae.pt"),
-                      run_dir=str(tmp_path / "run"), **{**TINY, **kw})
+    kw = {"out": str(tmp_path / "new" / "folder" / "ae.pt"), "run_dir": str(tmp_path / "run"), **TINY, **kw}
+    return PRCCConfig(data=str(data), **kw)
 
 
 def _load_script():
@@ -129,7 +129,7 @@ def test_images_smaller_than_crop(tmp_path):
     assert m["n_images"] == 4
     only_small = _images(tmp_path / "small_only", n=3, size=8)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="smaller than the requested crop of 16 px"):
-        fit_prcc(_cfg(tmp_path, only_small))
+        fit_prcc(_cfg(tmp_path / "other_run", only_small))  # its own run folder: another config
 
 
 def test_single_image_cannot_be_split(tmp_path):
@@ -171,16 +171,22 @@ def test_interrupted_training_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, data, epochs=3)
     with pytest.raises(KeyboardInterrupt):
         fit_prcc(cfg)
-    saved = load_checkpoint(cfg.out)
-    assert saved["metrics"]["epoch"] == 1
+    run = Path(cfg.run_dir)
+    saved = load_checkpoint(run / "best.pt")  # the run's best lives in its folder while it trains
+    assert saved["metrics"]["epoch"] == 1 and not Path(cfg.out).exists() and (run / "last.pt").is_file()
 
-    # a new run killed before its first epoch ends leaves the previous best in place
+    monkeypatch.setattr(tp, "_mse_step", real_step)
+    fit_prcc(cfg)  # resumes at epoch 2 and publishes to --out at the end
+    assert [r["epoch"] for r in read_jsonl(run / "log.jsonl")] == [1, 2, 3]
+    final = load_checkpoint(cfg.out)
+
+    # a new run (its own folder) killed before its first epoch ends leaves the published best in place
     monkeypatch.setattr(tp, "_mse_step", interrupt_after(1))
     with pytest.raises(KeyboardInterrupt):
-        fit_prcc(_cfg(tmp_path, data, epochs=3, seed=5))
+        fit_prcc(_cfg(tmp_path / "other", data, epochs=3, seed=5, out=cfg.out))
     kept = load_checkpoint(cfg.out)
-    assert kept["metrics"] == saved["metrics"]
-    assert all(torch.equal(kept["model"][k], v) for k, v in saved["model"].items())
+    assert kept["metrics"] == final["metrics"]
+    assert all(torch.equal(kept["model"][k], v) for k, v in final["model"].items())
     assert load_encoder(cfg.out).out_dim == 4
 
 

@@ -226,7 +226,7 @@ def test_make_split_script(tmp_path):
     for c in CLASSES:
         (tmp_path / "wbc" / c).mkdir(parents=True)
         for i in range(10):
-            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "wbc" / c / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "wbc" / c / f"{i}.png")
     out = tmp_path / "split.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -104,23 +104,46 @@ def test_centre_crop_keeps_the_middle():
 
 
 @pytest.mark.parametrize("change, expect", [
-    (lambda r: shutil.rmtree(r / "monocyte"), "missing: monocyte"),
-    (lambda r: (r / "neutrophil").rename(r / "neutrophils"), "not a class: neutrophils"),
-    (lambda r: shutil.copytree(r / "lymphocyte", r / "erythroblast"), "not a class: erythroblast"),
+    (lambda r: shutil.rmtree(r / "monocyte"), "no folder for: monocyte"),
+    (lambda r: (r / "neutrophil").rename(r / "neutrophils"), "not a class or alias: neutrophils"),
+    (lambda r: shutil.copytree(r / "lymphocyte", r / "erythroblast"), "not a class or alias: erythroblast"),
 ])
 def test_mismatched_class_folders_list_what_was_found(tmp_path, change, expect):
+    """With the classes declared in config, every folder must map onto one of them."""
     root = make_wbc_folder(tmp_path / "wbc")
     change(root)
     with pytest.raises(ClassFolderError) as e:
-        load_wbc(root, 8, cache_dir=None, progress=False)
+        load_wbc(root, 8, cache_dir=None, progress=False, classes=list(CLASSES))
     msg = str(e.value)
     assert expect in msg and "Found" in msg and "lymphocyte/ (4 images)" in msg and str(root) in msg
+
+
+def test_classes_come_from_the_folders_by_default(tmp_path):
+    root = make_wbc_folder(tmp_path / "wbc")
+    shutil.rmtree(root / "monocyte")
+    shutil.copytree(root / "lymphocyte", root / "Blast")
+    data = load_wbc(root, 8, cache_dir=None, progress=False)
+    assert data.classes == ("basophil", "eosinophil", "lymphocyte", "neutrophil", "blast")  # WBC order first
+    assert data.class_counts()["blast"] == 4
+
+
+def test_class_aliases_merge_folders(tmp_path):
+    root = make_wbc_folder(tmp_path / "wbc")
+    n = len(list((root / "neutrophil").iterdir()))
+    (root / "neutrophil").rename(root / "SNE")
+    shutil.copytree(root / "SNE", root / "bne")
+    data = load_wbc(root, 8, cache_dir=None, progress=False,
+                    classes={"basophil": [], "eosinophil": [], "lymphocyte": [], "monocyte": [],
+                             "neutrophil": ["SNE", "BNE"]})
+    assert data.classes == CLASSES and data.class_counts()["neutrophil"] == 2 * n
+    with pytest.raises(ClassFolderError, match="given for both"):
+        load_wbc(root, 8, cache_dir=None, classes={"a": ["x"], "b": ["X"]})
 
 
 def test_same_class_twice_and_missing_folder(tmp_path):
     root = make_wbc_folder(tmp_path / "wbc")
     shutil.copytree(root / "monocyte", root / "MONOCYTE")
-    with pytest.raises(ClassFolderError, match="one class, several folders: monocyte"):
+    with pytest.raises(ClassFolderError, match="folders that differ only in case: monocyte"):
         load_wbc(root, 8, cache_dir=None, progress=False)
     with pytest.raises(NoImagesError, match="does not exist"):
         load_wbc(tmp_path / "nowhere", 8, cache_dir=None)
@@ -165,14 +188,17 @@ def test_bloodmnist_npz_maps_8_classes_to_5(tmp_path):
     data, msgs = _load(tmp_path / "bloodmnist_64.npz", 16, cache_dir=tmp_path / "cache")
     assert data.images.shape == (3 * 15, 16, 16, 3)  # 5 of every 8 images kept
     assert data.dropped["classes"] == {"erythroblast": 9, "ig": 9, "platelet": 9}
-    assert any("dropped images of classes outside the five" in m for m in msgs)
+    assert any("dropped images of classes outside basophil, eosinophil" in m for m in msgs)
+    assert data.classes == CLASSES
     i = data.ids.index("bloodmnist:val:4")  # BloodMNIST 4 = lymphocyte
     assert CLASSES[data.labels[i]] == "lymphocyte"
     assert "bloodmnist:train:2" not in data.ids  # erythroblast
     same, _ = _load(tmp_path / "bloodmnist_64.npz", 28, cache_dir=None)  # native size: no resize
     np.testing.assert_array_equal(same.images[same.ids.index("bloodmnist:test:6")], raw["test_images"][6])
     again, _ = _load(tmp_path / "bloodmnist_64.npz", 16, cache_dir=tmp_path / "cache")
-    assert again.ids == data.ids and again.dropped == data.dropped
+    assert again.ids == data.ids and again.dropped == data.dropped and again.classes == CLASSES
+    eight = load_wbc(tmp_path / "bloodmnist_64.npz", 16, cache_dir=tmp_path / "cache", classes="all")
+    assert len(eight) == 3 * 24 and eight.classes[2] == "erythroblast" and not eight.dropped
 
 
 def test_npz_with_wrong_keys_and_other_files(tmp_path):
