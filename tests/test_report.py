@@ -94,3 +94,19 @@ def test_paired_ci_is_a_t_interval_so_three_same_sign_pairs_are_not_enough(tmp_p
     assert p["macro_f1_lo"] < 0 < p["macro_f1_hi"] and p["macro_f1_p"] > 0.05
     assert p["macro_f1_p"] <= p["macro_f1_p_holm"] <= 1  # adjusted over the sweep's 3 comparisons
     assert "prcc no measurable benefit" in s.verdicts[0.01]
+
+
+def test_forest_plot_draws_paired_rows_as_read_from_paired_csv(tmp_path):
+    """Strings as csv.DictReader gives them, one comparison without a CI (2 pairs): one PNG, not empty."""
+    from fusion.report_plots import forest_plot
+
+    rows = [{"fraction": f, "arm": arm, "versus": versus, "n_pairs": "3", "macro_f1_diff": d,
+             "macro_f1_lo": lo, "macro_f1_hi": hi}
+            for f in ("0.01", "1.0")
+            for arm, versus, d, lo, hi in (("prcc (sum)", "scratch", "-0.010", "-0.018", "-0.002"),
+                                           ("prcc (sum)", "random (sum)", "0.002", "-0.004", "0.008"),
+                                           ("random (sum)", "scratch", "0.001", "nan", "nan"))]
+    path = forest_plot(rows, tmp_path / "forest.png")
+    assert path == str(tmp_path / "forest.png") and (tmp_path / "forest.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no paired rows"):
+        forest_plot([], tmp_path / "empty.png")
