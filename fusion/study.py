@@ -1,7 +1,7 @@
 """The whole study on real data, as resumable stages: PRCC autoencoder -> CAM16 ResNet -> fusion-mode
 pilot (validation only) -> fraction sweep -> report, with the wall time of each stage recorded.
 
-    python benchmarks/real_study/run.py [--config benchmarks/real_study/config.yaml] [--set sweep.seeds=[0,1,2,3,4]]
+    python scripts/study.py --config benchmarks/real_study/config.yaml [--set sweep.seeds=[0,1,2,3,4]]
 
 The study config is YAML with the sections `prcc` (PRCCConfig), `cam16` (Cam16Config), `pilot` and
 `sweep` (SweepConfig); strings may use `{shared}` (the shared data folder) and `{work}`. Checkpoints
@@ -33,7 +33,6 @@ from pretrain.utils import atomic_write_json
 if TYPE_CHECKING:
     from .encoders import FeatureCache
 
-ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = {"prcc": "prcc_autoencoder.pt", "cam16": "cam16_resnet.pt"}  # encoder -> file in <work>/checkpoints
 RECORD_FILES = {"report.md": "report.md", "results.csv": "results.csv", "per_class.csv": "per_class.csv",
                 "paired.csv": "paired.csv", "metric_vs_fraction.png": "metric_vs_fraction.png",
@@ -69,7 +68,7 @@ def load_study_config(path: str | os.PathLike, sets: list[str] = ()) -> dict:
 
 
 def _resolve(value, subs: dict[str, str]):
-    """Fill `{shared}`/`{work}` in strings (recursively); relative paths stay relative to ROOT."""
+    """Fill `{shared}`/`{work}` in strings (recursively)."""
     if isinstance(value, str):
         for k, v in subs.items():
             value = value.replace("{" + k + "}", v)
@@ -82,8 +81,8 @@ def _resolve(value, subs: dict[str, str]):
 
 
 def _abs(p: str | os.PathLike) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else ROOT / p
+    """Relative paths of a study config are relative to the working directory, as for every command."""
+    return Path(p).resolve()
 
 
 def study_checkpoints(folder: str | os.PathLike) -> dict[str, Path]:
@@ -212,7 +211,10 @@ def run_study(cfg: dict) -> Path:
     if not shared.is_dir():
         raise SharedDataMissing(f"the real data folder {shared} is absent, so the real study cannot run "
                                 f"(set WBC_SHARED_DATA or `shared:` in the study config to where it is)")
-    work, record = _abs(cfg.get("work", "runs/real_study")), _abs(cfg.get("record", "benchmarks/real_study"))
+    for key in ("work", "record"):
+        if not cfg.get(key):
+            raise ValueError(f"the study config needs `{key}:` (the folder for the {'run folders and checkpoints' if key == 'work' else 'small outputs worth keeping'})")
+    work, record = _abs(cfg["work"]), _abs(cfg["record"])
     work.mkdir(parents=True, exist_ok=True)
     record.mkdir(parents=True, exist_ok=True)
     cfg = _resolve(copy.deepcopy(cfg), {"shared": str(shared), "work": str(work)})

@@ -1,27 +1,15 @@
-"""Run a fusion sweep: label fractions x arms x seeds (x fusion modes), one folder per run.
+"""Run a fusion sweep, resumable (see fusion.commands.sweep).
 
-    python scripts/sweep.py --config configs/demo_sweep.yaml [--seeds 0 1 2] [--overwrite true]
-
-Every field of `fusion.sweep.SweepConfig` (the grid plus every `RunConfig` default) is a flag
-(`--help` lists them). Re-running the same command resumes: finished runs are skipped.
+    python scripts/sweep.py --help      (installed: wbc sweep --help)
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fusion.sweep import SweepConfig, run_sweep  # noqa: E402
+from fusion.commands import sweep as main  # noqa: E402
 from pretrain.cli import cli  # noqa: E402
-from pretrain.config import parse_config  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> Path:
-    cfg, _ = parse_config(SweepConfig, argv, description=__doc__)
-    return run_sweep(cfg)
-
 
 if __name__ == "__main__":
     sys.exit(cli(main))

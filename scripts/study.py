@@ -1,0 +1,15 @@
+"""The whole study, resumable, from one YAML config (see fusion.commands.study).
+
+    python scripts/study.py --help      (installed: wbc study --help)
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fusion.commands import study as main  # noqa: E402
+from pretrain.cli import cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
