@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pretrain.layers import IMAGENET_MEAN, IMAGENET_STD, kaiming_init
 
 
 @dataclass
@@ -57,21 +56,6 @@ class CNNConfig:
         if self.input_size < 2 ** len(self.channels):
             raise ValueError(f"CNNConfig.input_size={self.input_size} is too small for {len(self.channels)} "
                              f"max-pool blocks (needs >= {2 ** len(self.channels)}); use fewer channels")
-
-
-def kaiming_init(module: nn.Module) -> None:
-    """He-normal conv/linear weights (fan_out, ReLU), zero biases, BN weight 1 / bias 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class SmallCNN(nn.Module):

@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import register_kind
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .layers import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass

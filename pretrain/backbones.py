@@ -35,13 +35,12 @@ import torch
 from torch import nn
 
 from .checkpoint import FORMAT, describe_load_error, freeze
+from .layers import IMAGENET_MEAN, IMAGENET_STD
 from .utils import sha256_file
 
 LIBRARIES = ("timm", "torchvision")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NEST_KEYS = ("state_dict", "model", "module", "model_state_dict")  # wrappers around a state dict
 PREFIXES = ("module.", "model.", "backbone.", "encoder.")  # DDP / Lightning / SSL-framework prefixes
 # top-level modules that hold a classifier: their keys in a file are dropped when the feature model

@@ -25,6 +25,7 @@ from torch import nn
 
 from .checkpoint import FORMAT, register_kind
 from .config import config_from_dict
+from .layers import IMAGENET_MEAN, IMAGENET_STD, kaiming_init
 
 # name -> (torchvision builder, pre-logits feature width)
 ARCHS: dict[str, tuple[Callable[..., tvm.ResNet], int]] = {
@@ -32,8 +33,6 @@ ARCHS: dict[str, tuple[Callable[..., tvm.ResNet], int]] = {
     "resnet34": (tvm.resnet34, 512),
     "resnet50": (tvm.resnet50, 2048),
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
 
 
@@ -70,26 +69,6 @@ class ResNetConfig:
         self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values each (std > 0), got mean={self.mean} std={self.std}")
-
-
-def kaiming_init(module: nn.Module) -> None:
-    """Initialise every layer of `module` from scratch, explicitly (He et al. 2015).
-
-    Convolutions: `kaiming_normal_(mode="fan_out", nonlinearity="relu")` (what torchvision does too);
-    batch norms: weight 1, bias 0; linear layers: `kaiming_normal_` with fan_in and a linear gain
-    (std = 1/sqrt(fan_in)) and bias 0, so initial logits are O(1).
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
-            nn.init.zeros_(m.bias)
 
 
 class Cam16ResNet(nn.Module):
