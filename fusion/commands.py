@@ -172,9 +172,40 @@ def study(argv: list[str] | None = None) -> int:
     return 0
 
 
+def evaluate(argv: list[str] | None = None) -> dict:
+    """Score a trained model on a labelled folder of class folders (another lab's images, a test set).
+
+        python scripts/evaluate.py --checkpoint runs/one/best.pt --data ../shared/data/bccd-wbc
+            [--out DIR] [--device auto] [--batch-size 128]
+
+    Writes metrics.json, predictions.csv and confusion.png into --out (default:
+    <checkpoint folder>/eval_<data folder name>/) and prints a per-class table. Class folders are matched
+    to the model's classes by name, case-insensitively; images of classes the model does not know are
+    counted and left out, and macro-F1 averages over the classes present in the data.
+    """
+    from .evaluate import EvalConfig, run_evaluate
+
+    cfg, _ = parse_config(EvalConfig, argv, description=evaluate.__doc__)
+    return run_evaluate(cfg)
+
+
+def predict(argv: list[str] | None = None) -> Path:
+    """Class probabilities of a trained model for unlabelled images (every image under a folder).
+
+        python scripts/predict.py --checkpoint runs/one/best.pt --images DIR --out preds.csv
+
+    Images are decoded as in training, at the checkpoint's image size; unreadable ones are skipped with
+    a warning naming each. The CSV has one row per image: file, predicted_class, p_<class> per class.
+    """
+    from .evaluate import PredictConfig, predict_images
+
+    cfg, _ = parse_config(PredictConfig, argv, description=predict.__doc__)
+    return predict_images(cfg)
+
+
 COMMANDS: dict[str, Callable] = {f.__name__: f for f in (
     pretrain_prcc, pretrain_cam16, extract_patches, make_demo_data, make_split, train_fusion, sweep, report,
-    extract_features, study)}
+    extract_features, evaluate, predict, study)}
 
 
 def console() -> None:

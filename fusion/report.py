@@ -34,6 +34,7 @@ from .data import CLASSES
 from .metrics import holm, mean_ci, paired_t_p
 from .report_plots import plot_confusion, plot_metric_vs_fraction
 from .sources import DEFAULT_ARMS, LEGACY_TWINS, TWIN_PREFIX
+from .sweep_probes import probe_table
 
 METRICS = ("accuracy", "macro_f1")
 MIN_SEEDS_FOR_CI = 3
@@ -269,6 +270,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     md += ["## Verdict per fraction", ""] + [f"- {summary.verdicts[f]}" for f in summary.fractions] + [""]
     for m, title in (("accuracy", "Test accuracy"), ("macro_f1", "Test macro-F1")):
         md += [f"## {title} (mean ± 95% CI over seeds)", ""] + _table(summary, m) + [""]
+    md += probe_table(run_dir, fmt_cell, fmt_pct)
     md += ["## Paired differences (same seed), macro-F1 and accuracy, paired Student-t 95% CI", "",
            f"p: paired t-test of the macro-F1 difference; Holm: adjusted over all {len(summary.paired)} "
            f"comparisons of this sweep (family-wise error).", "",

@@ -34,6 +34,7 @@ from .encoders import FeatureCache
 from .models import FUSIONS
 from .sources import DEFAULT_ARMS, SourceError, config_key
 from .splits import fraction_key, load_split, split_indices
+from .sweep_probes import run_sweep_probes
 from .train import RunConfig, SettingsChangedError, plan_steps, prepare_split, settings_diff, train_run
 
 RUN_ONLY = ("fraction", "arm", "mode", "seed", "val_run")  # RunConfig fields the sweep sets per run
@@ -63,6 +64,8 @@ class SweepConfig(RunConfig):
                                                      "`worker_threads` torch threads; 1 = in this process"})
     worker_threads: int = field(default=1, metadata={"help": "torch threads per worker process (workers > 1). "
                                                             "CPU results depend on the thread count"})
+    probes: list[str] = field(default_factory=lambda: ["linear", "knn"], metadata={
+        "help": "frozen-feature probes per source and fraction (linear, knn); [] for none"})
     rerun_changed: bool = field(default=False, metadata={
         "help": "train again the finished runs whose recorded settings differ from the requested ones "
                 "(default: list them and stop)"})
@@ -218,6 +221,12 @@ def _refuse_changed(out: Path, changed: dict[str, list[str]], n_finished: int) -
         f"true to train those runs again with the new settings, or use another --out")
 
 
+def _load(cfg: SweepConfig, out: Path) -> tuple[WBCData, dict]:
+    """The sweep's images (from the decode-once cache) and its split (made once, then reused)."""
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress, classes=cfg.classes)
+    return data, prepare_split(cfg, data, Path(cfg.split) if cfg.split else out / "split.json", cfg.fractions)
+
+
 def run_sweep(cfg: SweepConfig, features: FeatureCache | None = None) -> Path:
     """Run every missing run of the grid; return the path of `results.jsonl`.
 
@@ -259,15 +268,15 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
             todo.append(spec)
     n_done = len(specs) - len(todo)
     print(f"sweep {out}: {len(specs)} runs, {n_done} already finished, {len(todo)} to go")
+    features = features if features is not None else FeatureCache()
     if not todo:
+        run_sweep_probes(cfg, out, features, lambda: _load(cfg, out))
         return results_path
 
     t0 = time.perf_counter()
-    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress,
-                    classes=cfg.classes)
+    data, split = _load(cfg, out)
     split_path = Path(cfg.split) if cfg.split else out / "split.json"
-    split = prepare_split(cfg, data, split_path, cfg.fractions)
-    ctx = SweepContext(data, split, features if features is not None else FeatureCache())
+    ctx = SweepContext(data, split, features)
     print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
     bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.progress,
                dynamic_ncols=True)
@@ -287,5 +296,6 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
         if not cfg.progress:
             print(f"[{n_done + i + 1}/{len(specs)}] {msg} | {left} left, ETA {eta / 60:.1f} min", flush=True)
     bar.close()
+    run_sweep_probes(cfg, out, ctx.features, lambda: (data, split))
     print(f"sweep finished in {(time.perf_counter() - t0) / 60:.1f} min: {results_path}")
     return results_path

@@ -24,8 +24,8 @@ from PIL import Image
 from pretrain.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("extract_features", "extract_patches", "make_demo_data", "make_split", "pretrain_cam16",
-           "pretrain_prcc", "report", "sweep", "train_fusion")
+SCRIPTS = ("evaluate", "extract_features", "extract_patches", "make_demo_data", "make_split", "predict",
+           "pretrain_cam16", "pretrain_prcc", "report", "sweep", "train_fusion")
 BAD_SLIDES = ROOT.parent / "shared" / "data" / "wsi" / "bad"
 
 
@@ -203,6 +203,11 @@ CASES = {
         "weights_only"),
     "features-missing-images": Case("extract_features", lambda f, t: [
         "--checkpoint", str(f["ck"]["prcc"]), "--images", str(t / "noimg"), "--out", str(t / "f.h5")], "noimg"),
+    # --- evaluate / predict a trained model -----------------------------------------------------------
+    "evaluate-wrong-kind": Case("evaluate", lambda f, t: ["--checkpoint", str(f["ck"]["prcc"]), "--data", str(f["wbc"]),
+                                                          "--device", "cpu"], "'prcc_autoencoder' checkpoint"),
+    "predict-wrong-kind": Case("predict", lambda f, t: ["--checkpoint", str(f["ck"]["prcc"]), "--images", str(f["wbc"]),
+                                                        "--device", "cpu"], "prcc.pt"),
     # --- PRCC pretraining -----------------------------------------------------------------------------
     "prcc-missing-data": Case("pretrain_prcc", lambda f, t: _prcc(f, t, "--data", str(t / "nodir")), "nodir"),
     "prcc-empty-folder": Case("pretrain_prcc", lambda f, t: _prcc(f, t, "--data", str(_mk(t / "void"))), "void"),

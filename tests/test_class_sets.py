@@ -51,6 +51,11 @@ def test_sweep_and_report_on_any_class_set(tmp_path, classes, spec):
     assert load_split(tmp_path / "sweep" / "split.json")["classes"] == expected
     report = make_report(tmp_path / "sweep").read_text()
     assert "| fraction | arm | " + " | ".join(expected) + " |" in report
+    probes = read_jsonl(tmp_path / "sweep" / "probes.jsonl")  # prcc once, its twin per seed; 2 fractions, 2 probes
+    assert len(probes) == (1 + 3) * 2 * 2 and all(set(p["per_class"]) == set(expected) for p in probes)
+    assert "## Frozen probes" in report and "| linear:prcc |" in report and "| knn:random:prcc |" in report
+    rerun = run_sweep(cfg)  # resumed: nothing trained or probed again
+    assert len(read_jsonl(rerun)) == len(rows) and len(read_jsonl(tmp_path / "sweep" / "probes.jsonl")) == 16
     with open(tmp_path / "sweep" / "paired.csv") as f:
         paired = list(csv.DictReader(f))
     assert {(p["arm"], p["versus"]) for p in paired} == {("prcc", "scratch"), ("prcc", "random:prcc"),
