@@ -1,8 +1,10 @@
 """Config dataclasses <-> YAML <-> argparse, shared by every script.
 
 Precedence: dataclass defaults < `--config FILE.yaml` < explicit command-line flags.
-Every field of the dataclass becomes a flag `--field-name`; the resolved config is saved beside the
-run (`config.yaml`) so every number traces back to a file that reproduces it.
+Every field of the dataclass becomes a flag `--field-name`; a field that is itself a dataclass is a
+section (a nested mapping in YAML, dotted flags `--section.field-name`). Every value is checked
+against its field's type when it is loaded. The resolved config is saved beside the run
+(`config.yaml`) so every number traces back to a file that reproduces it.
 """
 
 from __future__ import annotations
@@ -43,8 +45,13 @@ def _field_type(cls, f: dataclasses.Field):
     return hints.get(f.name, str)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one `--name` flag per field of dataclass `cls`; default None means "not given"."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> list[str]:
+    """Add one `--name` flag per field of dataclass `cls`; default None means "not given".
+
+    A field that is itself a dataclass (a config section) gets dotted flags, `--section.name`.
+    Returns the dotted paths of every flag added (their argparse `dest`).
+    """
+    dests = []
     for f in dataclasses.fields(cls):
         t = _field_type(cls, f)
         origin = typing.get_origin(t)
@@ -52,22 +59,38 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if origin is typing.Union or origin is types.UnionType:  # on the command line, the first type
             t = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(t), typing.get_args(t)
-        flag = "--" + f.name.replace("_", "-")
+        dest = prefix + f.name
+        if dataclasses.is_dataclass(t):
+            dests += add_dataclass_args(parser, t, prefix=dest + ".")
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
         helptext = f.metadata.get("help", "")
+        dests.append(dest)
         if origin in (list, tuple) or t in (list, tuple):
             inner = args[0] if args else str
             if inner is type(Ellipsis):
                 inner = str
-            parser.add_argument(flag, dest=f.name, nargs="+", type=inner, default=None, help=helptext)
-            continue
-        if t is bool:
+            parser.add_argument(flag, dest=dest, nargs="+", type=inner, default=None, help=helptext)
+        elif t is bool:
             # `--flag` alone means true; `--flag false` still works
-            parser.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
+            parser.add_argument(flag, dest=dest, type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
                                 help=helptext)
         elif t in (int, float, str):
-            parser.add_argument(flag, dest=f.name, type=t, default=None, help=helptext)
+            parser.add_argument(flag, dest=dest, type=t, default=None, help=helptext)
         else:
-            parser.add_argument(flag, dest=f.name, type=str, default=None, help=helptext)
+            parser.add_argument(flag, dest=dest, type=str, default=None, help=helptext)
+    return dests
+
+
+def _set_dotted(values: dict, dotted: str, value: Any) -> None:
+    """values["a"]["b"] = value for "a.b" (sections created or copied as needed)."""
+    *path, last = dotted.split(".")
+    node = values
+    for k in path:
+        child = node.get(k)
+        node[k] = dict(child) if isinstance(child, dict) else {}
+        node = node[k]
+    node[last] = value
 
 
 class ConfigError(ValueError):
@@ -206,20 +229,20 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
     Returns the config and the raw namespace (for flags added by `extra` that are not config fields).
     """
     parser = _Parser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML file of config values")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    add_dataclass_args(parser, cls)
+    dests = add_dataclass_args(parser, cls)
     if extra is not None:
         extra(parser)
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if ns.config:
         values.update(load_yaml(ns.config))
-    for f in dataclasses.fields(cls):
-        v = getattr(ns, f.name)
+    for dest in dests:  # flags override YAML, key by key inside a section too
+        v = getattr(ns, dest)
         if v is not None:
-            values[f.name] = v
+            _set_dotted(values, dest, v)
     cfg = config_from_dict(cls, values, source=ns.config or "command line")
     return cfg, ns
 

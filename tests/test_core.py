@@ -154,3 +154,30 @@ def test_nan_loss_raises():
 
     with pytest.raises(NonFiniteLossError):
         train_one_epoch(model, _toy(), bad_step, opt, torch.device("cpu"), progress=False)
+
+
+@dataclasses.dataclass
+class _Optim:
+    lr: float = 1e-3
+    epochs: int = 2
+
+
+@dataclasses.dataclass
+class _Nested:
+    data: str = "x"
+    optim: _Optim = dataclasses.field(default_factory=_Optim)
+
+
+def test_nested_sections_from_yaml_and_dotted_flags(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  epochs: 5\n  lr: 1e-2\n")
+    cfg, _ = parse_config(_Nested, ["--config", str(y), "--optim.lr", "0.5"])
+    assert cfg.optim == _Optim(lr=0.5, epochs=5)  # a flag overrides one key of the section
+    cfg, _ = parse_config(_Nested, ["--optim.epochs", "7"])
+    assert cfg.optim == _Optim(lr=1e-3, epochs=7) and cfg.data == "x"
+    y.write_text("optim:\n  epochs: ten\n")
+    with pytest.raises(ValueError, match=r"optim\.epochs must be an integer, got the string 'ten'"):
+        parse_config(_Nested, ["--config", str(y)])
+    y.write_text("optim:\n  epoch: 3\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['optim\.epoch'\]"):
+        parse_config(_Nested, ["--config", str(y)])
