@@ -7,11 +7,11 @@ import json
 import warnings
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import yaml
+from wsi_fakes import write_patch_store
 
 from pretrain.cam16_split import LeakySplitWarning, binary_metrics, describe_split, split_by_slide
 from pretrain.checkpoint import load_checkpoint, load_encoder
@@ -104,26 +104,10 @@ def test_patch_transform_shapes_and_range():
     assert torch.equal(plain, torch.from_numpy(img).permute(2, 0, 1).float() / 255)
 
 
-def _write_store(path, n_per_slide=6, size=40, n_slides=4):
-    """A tiny patch store in the project's HDF5 schema: tumor patches are redder."""
-    rng = np.random.default_rng(0)
-    n = n_per_slide * n_slides
-    labels = np.arange(n) % 2
-    images = rng.integers(90, 170, (n, size, size, 3), dtype=np.uint8)
-    images[labels == 1, ..., 0] = 225
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = "wbc-fusion-patches"
-        f["images"] = images
-        f["labels"] = labels
-        f["coords"] = np.zeros((n, 2), dtype=np.int64)
-        f["slide_index"] = np.repeat(np.arange(n_slides), n_per_slide)
-        f["slide_names"] = np.asarray([f"slide_{i}" for i in range(n_slides)], dtype="S")
-
-
 def test_script_end_to_end_tiny(tmp_path):
     main = _load_script("pretrain_cam16").main
     store = tmp_path / "patches.h5"
-    _write_store(store)
+    write_patch_store(store)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"image_size": 32, "epochs": 1, "batch_size": 16, "progress": False}))
     out, run = tmp_path / "ck" / "cam16.pt", tmp_path / "run"

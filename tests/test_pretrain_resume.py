@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from wsi_fakes import write_patch_store
 
 import pretrain.engine as engine
 from pretrain.checkpoint import CheckpointError, describe_load_error, load_checkpoint, save_checkpoint
@@ -43,23 +43,6 @@ def _images(folder: Path, n: int = 6, size: int = 40, seed: int = 0) -> Path:
         small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BILINEAR).save(folder / f"img_{i}.png")
     return folder
-
-
-def _store(path: Path, n_per_slide: int = 6, size: int = 40, n_slides: int = 4) -> Path:
-    """A tiny patch store in the project's HDF5 schema: tumor patches are redder."""
-    rng = np.random.default_rng(0)
-    n = n_per_slide * n_slides
-    labels = np.arange(n) % 2
-    images = rng.integers(90, 170, (n, size, size, 3), dtype=np.uint8)
-    images[labels == 1, ..., 0] = 225
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = "wbc-fusion-patches"
-        f["images"] = images
-        f["labels"] = labels
-        f["coords"] = np.zeros((n, 2), dtype=np.int64)
-        f["slide_index"] = np.repeat(np.arange(n_slides), n_per_slide)
-        f["slide_names"] = np.asarray([f"slide_{i}" for i in range(n_slides)], dtype="S")
-    return path
 
 
 def _prcc(tmp: Path, data: Path, **kw) -> PRCCConfig:
@@ -204,7 +187,7 @@ def test_killed_after_the_last_epoch_finishes_without_training(tmp_path, monkeyp
 def test_cam16_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch, workers):
     """Augmentation streams (albumentations' own generators, or each epoch's workers seeded from the
     loader's generator) and the shuffle order are restored."""
-    store = _store(tmp_path / "patches.h5")
+    store = write_patch_store(tmp_path / "patches.h5")
     ref = _cam16(tmp_path / "ref", store, epochs=3, num_workers=workers)
     m_ref = fit_cam16(ref)
     cfg = _cam16(tmp_path / "cut", store, epochs=3, num_workers=workers)
@@ -365,7 +348,7 @@ def test_sigkill_prcc_script_and_rerun(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_cam16_script_keeps_a_better_out(tmp_path):
-    store = _store(tmp_path / "patches.h5")
+    store = write_patch_store(tmp_path / "patches.h5")
     sizes = {**CAM16_TINY, "epochs": 5}
     ref = _cam16(tmp_path / "ref", store, **sizes)
     fit_cam16(ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from pretrain.demo.formats import write_asap_xml, write_pyramidal_tiff
@@ -45,3 +46,20 @@ def write_fake_slide(folder: Path, name: str = "slide_a", tissue: bool = True, a
     if annotate:
         xml = write_asap_xml(folder / "annotations" / f"{name}.xml", [box_polygon(TUMOR_BOX)])
     return slide, xml
+
+
+def write_patch_store(path: Path, n_per_slide: int = 6, size: int = 40, n_slides: int = 4) -> Path:
+    """A tiny patch store in the project's HDF5 schema: tumor patches are redder."""
+    rng = np.random.default_rng(0)
+    n = n_per_slide * n_slides
+    labels = np.arange(n) % 2
+    images = rng.integers(90, 170, (n, size, size, 3), dtype=np.uint8)
+    images[labels == 1, ..., 0] = 225
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "wbc-fusion-patches"
+        f["images"] = images
+        f["labels"] = labels
+        f["coords"] = np.zeros((n, 2), dtype=np.int64)
+        f["slide_index"] = np.repeat(np.arange(n_slides), n_per_slide)
+        f["slide_names"] = np.asarray([f"slide_{i}" for i in range(n_slides)], dtype="S")
+    return path
