@@ -24,8 +24,7 @@ from PIL import Image
 from pretrain.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("evaluate", "extract_features", "extract_patches", "make_demo_data", "make_split", "predict",
-           "pretrain_cam16", "pretrain_prcc", "report", "sweep", "train_fusion")
+SCRIPTS = tuple(sorted(p.stem for p in (ROOT / "scripts").glob("*.py")))
 BAD_SLIDES = ROOT.parent / "shared" / "data" / "wsi" / "bad"
 
 
@@ -253,6 +252,10 @@ CASES = {
     "demo-out-under-a-file": Case("make_demo_data", lambda f, t: ["--out", str(_garbage(t / "file") / "demo"),
                                                                   "--small", "true"], "file"),
     "demo-yaml-small-quoted": Case("make_demo_data", lambda f, t: ["--config", _yaml(t, 'small: "yes"\n')], "small"),
+    # --- the whole study -------------------------------------------------------------------------------
+    "study-config-missing": Case("study", lambda f, t: ["--config", str(t / "nostudy.yaml")], "nostudy.yaml"),
+    "study-without-record": Case("study", lambda f, t: ["--config", _yaml(t, f"shared: {t}\nwork: {t / 'w'}\n")],
+                                 "record:"),
 }
 
 
