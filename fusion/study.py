@@ -158,6 +158,8 @@ def _probe_speed(path: Path, at: str) -> None:
 def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dict:
     """Candidate fusion modes on the validation split only; returns {"chosen", "candidates": {...}}.
     `features` (a FeatureCache) keeps the frozen features it computes for the sweep."""
+    from pretrain.config import config_from_dict
+
     from .data import load_wbc
     from .splits import load_split
     from .sweep import run_name
@@ -167,7 +169,7 @@ def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dic
     modes, arm = list(pilot.get("modes", ["concat", "gated"])), pilot.get("arm", "prcc+cam16")
     fractions, seeds = list(pilot.get("fractions", [0.01, 0.1])), list(pilot.get("seeds", [0]))
     base = {k: v for k, v in sweep_kw.items() if k in RunConfig.__dataclass_fields__}
-    base.update({"eval_test": False, "progress": False, "curves": False})
+    base["runtime"] = {**base.get("runtime", {}), "eval_test": False, "progress": False, "curves": False}
     data = load_wbc(base["data"], base.get("image_size", 48), base.get("cache_dir") or None, progress=False,
                     classes=base.get("classes"))
     split = load_split(base["split"])
@@ -176,8 +178,8 @@ def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dic
         for f in fractions:
             for s in seeds:
                 name = run_name(f, arm, mode, s)
-                rc = RunConfig(**{**base, "fraction": f, "arm": arm, "mode": mode, "seed": s,
-                                  "out": str(work / "pilot" / name)})
+                rc = config_from_dict(RunConfig, {**base, "fraction": f, "arm": arm, "mode": mode, "seed": s,
+                                                  "out": str(work / "pilot" / name)}, source="study config pilot")
                 r = train_run(rc, data=data, split=split, features=features)
                 scores[mode].append({"run": name, "fraction": f, "seed": s, "val_macro_f1": r["val_macro_f1"],
                                      "val_acc": r["val_acc"], "seconds": r["seconds"]})
@@ -200,6 +202,7 @@ def record_sweep(sweep_dir: Path, record: Path) -> None:
 
 def run_study(cfg: dict) -> Path:
     """Run (or resume) every stage; return the record folder."""
+    from pretrain.config import config_from_dict
     from pretrain.train_cam16 import Cam16Config, fit_cam16
     from pretrain.train_prcc import PRCCConfig, fit_prcc
 
@@ -241,7 +244,8 @@ def run_study(cfg: dict) -> Path:
         chosen = json.loads(pilot_path.read_text())["chosen"]
         modes = modes + [chosen] if chosen not in modes else modes
     # the pilot's runs of the chosen mode are sweep runs too: the sweep tests them instead of training them again
-    sweep = SweepConfig(**{**sweep_kw, "modes": modes, "val_runs": str(work / "pilot")})
+    sweep = config_from_dict(SweepConfig, {**sweep_kw, "modes": modes, "val_runs": str(work / "pilot")},
+                             source="study config sweep")
     # resumes: finished runs are skipped; the pilot's frozen features are reused, not recomputed
     timings.run("sweep", False, lambda: run_sweep(sweep, features))
     timings.run("report", False, lambda: make_report(work / "sweep"))

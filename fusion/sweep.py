@@ -117,6 +117,7 @@ def run_name(fraction: float, arm: str, mode: str, seed: int) -> str:
 def run_specs(cfg: SweepConfig) -> list[RunConfig]:
     """The deterministic run list: fraction, then seed, then arm, then mode (scratch once per seed)."""
     base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
+    base.update({k: dataclasses.replace(getattr(cfg, k)) for k in ("model", "optim", "augment")})  # copies
     specs = []
     for fraction in cfg.fractions:
         for seed in cfg.seeds:
@@ -126,7 +127,8 @@ def run_specs(cfg: SweepConfig) -> list[RunConfig]:
                     twin = Path(cfg.val_runs) / name if cfg.val_runs else None
                     specs.append(RunConfig(**{**base, "fraction": float(fraction), "arm": arm, "mode": mode,
                                               "seed": int(seed), "out": str(Path(cfg.out) / "runs" / name),
-                                              "overwrite": False, "progress": cfg.progress_runs,
+                                              "overwrite": False,
+                                              "runtime": dataclasses.replace(cfg.runtime, progress=cfg.progress_runs),
                                               "val_run": str(twin) if twin and twin.is_dir() else ""}))
     return specs
 
@@ -223,7 +225,7 @@ def _refuse_changed(out: Path, changed: dict[str, list[str]], n_finished: int) -
 
 def _load(cfg: SweepConfig, out: Path) -> tuple[WBCData, dict]:
     """The sweep's images (from the decode-once cache) and its split (made once, then reused)."""
-    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress, classes=cfg.classes)
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.runtime.progress, classes=cfg.classes)
     return data, prepare_split(cfg, data, Path(cfg.split) if cfg.split else out / "split.json", cfg.fractions)
 
 
@@ -278,7 +280,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
     split_path = Path(cfg.split) if cfg.split else out / "split.json"
     ctx = SweepContext(data, split, features)
     print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
-    bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.progress,
+    bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.runtime.progress,
                dynamic_ncols=True)
     work = planned_work(todo, split, data)
     done_work, t_runs = 0, time.perf_counter()
@@ -293,7 +295,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
         msg = (f"{r['run']}: macro-F1 {r['macro_f1']:.3f}" if r["status"] == "ok"
                else f"{r['run']}: FAILED ({r.get('reason', '')[:60]})")
         bar.set_postfix_str(f"{msg} | {n_done + i + 1} done, {left} left, ETA {eta / 60:.1f} min")
-        if not cfg.progress:
+        if not cfg.runtime.progress:
             print(f"[{n_done + i + 1}/{len(specs)}] {msg} | {left} left, ETA {eta / 60:.1f} min", flush=True)
     bar.close()
     run_sweep_probes(cfg, out, ctx.features, lambda: (data, split))

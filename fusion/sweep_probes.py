@@ -56,7 +56,7 @@ def run_sweep_probes(cfg, out: Path, features: FeatureCache, load: Callable[[], 
     if not todo:
         return path
     data, split = load()
-    reg, device = cfg.registry(), get_device(cfg.device)
+    reg, device = cfg.registry(), get_device(cfg.runtime.device)
     images = images_to_tensor(data.images)
     key = images_key(data.hashes, data.image_size)
     labels = np.asarray(data.labels)
@@ -64,8 +64,8 @@ def run_sweep_probes(cfg, out: Path, features: FeatureCache, load: Callable[[], 
     t0 = time.perf_counter()
     for (source, twin, seed), f in todo:
         enc = load_source(reg.sources[source], random_init=twin, seed=twin_seed(source, seed) if twin else None)
-        feats = features.get({source: enc}, images, key, device, seed=seed, batch_size=cfg.eval_batch_size,
-                             encoder_resize=cfg.encoder_resize)
+        feats = features.get({source: enc}, images, key, device, seed=seed, batch_size=cfg.runtime.eval_batch_size,
+                             encoder_resize=cfg.model.encoder_resize)
         part = {**rows, "train": split_indices(split, data, "train", f)}
         try:
             with torch.inference_mode():

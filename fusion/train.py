@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from pretrain.config import start_run, to_plain
+from pretrain.config import config_from_dict, start_run, to_plain
 from pretrain.engine import FitResult, NonFiniteLossError, autocast, fit, train_one_epoch
 from pretrain.plots import plot_curves
 from pretrain.utils import (
@@ -53,26 +53,27 @@ ENCODER_FEATURES = ("precompute", "online")
 
 
 @dataclass
-class RunConfig:
-    """One fusion training run (also the per-run defaults of a sweep)."""
+class ModelConfig:
+    """The small CNN and how frozen encoders meet it (`model:` in YAML, `--model.*` flags)."""
 
-    data: str = field(default="data/demo/wbc", metadata={"help": "WBC folder of class folders or bloodmnist*.npz"})
-    classes: list[str] | dict | str = field(default_factory=list, metadata={"help": "class set: the folder names by default (the five WBC classes in their usual order); a list, or name -> aliases in YAML ({neutrophil: [SNE, BNE]}); 'all' keeps BloodMNIST's 8 classes"})
-    split: str = field(default="", metadata={"help": "split JSON; made once (and saved) if missing; "
-                                                     "'' = <out>/split.json"})
-    val: float = field(default=0.15, metadata={"help": "val share of all images when the split is made"})
-    test: float = field(default=0.15, metadata={"help": "test share of all images when the split is made"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the split when it is made"})
-    fraction: float = field(default=1.0, metadata={"help": "label fraction of train, in (0, 1]"})
-    arm: str = field(default="scratch", metadata={"help": "an arm of `arm_sets` (default: scratch, prcc, cam16, "
-                                                          "prcc+cam16), its twin random:<arm>, or random"})
-    mode: str = field(default="sum", metadata={"help": "fusion mode: sum, concat or gated"})
-    seed: int = field(default=0, metadata={"help": "CNN init, batch order and augmentation seed"})
-    image_size: int = field(default=48, metadata={"help": "WBC image side in pixels"})
-    cache_dir: str = field(default="data/cache", metadata={"help": "decoded-image cache; '' for none"})
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256],
                                     metadata={"help": "width of each conv block (~0.39M params by default)"})
     dropout: float = 0.2
+    encoder_resize: bool = field(default=True, metadata={"help": "resize images to each encoder's input size"})
+    encoder_features: str = field(default="precompute", metadata={
+        "help": "precompute: frozen features of each un-augmented image once; online: encoders run on "
+                "every augmented batch"})
+
+    def __post_init__(self) -> None:
+        if self.encoder_features not in ENCODER_FEATURES:
+            raise ValueError(f"model.encoder_features must be one of {ENCODER_FEATURES}, "
+                             f"got {self.encoder_features!r}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation: the step budget, AdamW and its schedule, the loss (`optim:`, `--optim.*`)."""
+
     epochs: int = field(default=20, metadata={"help": "passes over the training images (then clamped to "
                                                       "[min_steps, max_steps] optimizer steps)"})
     min_steps: int = field(default=800, metadata={
@@ -91,22 +92,30 @@ class RunConfig:
     bn_recalibrate: int = field(default=1024, metadata={
         "help": "before each validation, re-estimate BatchNorm statistics on up to this many UN-augmented "
                 "training images (0 = keep the running averages of augmented batches)"})
-    augment: bool = True
-    aug_scale_min: float = field(default=1.0, metadata={"help": "smallest crop area of the random resized crop "
+
+    def __post_init__(self) -> None:
+        if not 0 <= float(self.warmup) < 1:
+            raise ValueError(f"optim.warmup must be in [0, 1), got {self.warmup}")
+        for name in ("epochs", "batch_size", "evals"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of the CNN's view (`augment:`, `--augment.*`)."""
+
+    enabled: bool = True
+    scale_min: float = field(default=1.0, metadata={"help": "smallest crop area of the random resized crop "
                                                               "(1.0: no zoom; the cell stays whole)"})
-    aug_rotate: float = field(default=180.0, metadata={"help": "max rotation in degrees"})
-    aug_color: float = field(default=0.15, metadata={"help": "brightness/contrast/saturation jitter"})
-    prcc_checkpoint: str = "checkpoints/prcc_autoencoder.pt"
-    cam16_checkpoint: str = "checkpoints/cam16_resnet.pt"
-    sources: dict = field(default_factory=dict, metadata={
-        "help": "more encoder sources, name -> checkpoint path, 'timm:<model>'/'torchvision:<model>' or "
-                "{model, weights, input_size, mean, std} (see fusion/sources.py); YAML only"})
-    arm_sets: dict = field(default_factory=dict, metadata={
-        "help": "more arms, name -> list of source names (YAML only); each gets its twin random:<name>"})
-    encoder_resize: bool = field(default=True, metadata={"help": "resize images to each encoder's input size"})
-    encoder_features: str = field(default="precompute", metadata={
-        "help": "precompute: frozen features of each un-augmented image once; online: encoders run on "
-                "every augmented batch"})
+    rotate: float = field(default=180.0, metadata={"help": "max rotation in degrees"})
+    color: float = field(default=0.15, metadata={"help": "brightness/contrast/saturation jitter"})
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how a run executes; changes speed, not the recipe (`runtime:`, `--runtime.*`)."""
+
     device: str = "auto"
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA"})
     eval_batch_size: int = field(default=128, metadata={
@@ -115,26 +124,58 @@ class RunConfig:
     eval_test: bool = field(default=True, metadata={"help": "evaluate the test split at the end; false for "
                                                            "tuning runs, which must see validation only"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch default"})
+    progress: bool = True
+    curves: bool = field(default=True, metadata={"help": "write curves.png (about a second per run on CPU)"})
+
+
+
+@dataclass
+class RunConfig:
+    """One fusion training run (also the per-run defaults of a sweep): the data and what this run is
+    (fraction, arm, mode, seed, sources) at the top, the recipe in sections."""
+
+    data: str = field(default="data/demo/wbc", metadata={"help": "WBC folder of class folders or bloodmnist*.npz"})
+    classes: list[str] | dict | str = field(default_factory=list, metadata={"help": "class set: the folder names by default (the five WBC classes in their usual order); a list, or name -> aliases in YAML ({neutrophil: [SNE, BNE]}); 'all' keeps BloodMNIST's 8 classes"})
+    split: str = field(default="", metadata={"help": "split JSON; made once (and saved) if missing; "
+                                                     "'' = <out>/split.json"})
+    val: float = field(default=0.15, metadata={"help": "val share of all images when the split is made"})
+    test: float = field(default=0.15, metadata={"help": "test share of all images when the split is made"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the split when it is made"})
+    image_size: int = field(default=48, metadata={"help": "WBC image side in pixels"})
+    cache_dir: str = field(default="data/cache", metadata={"help": "decoded-image cache; '' for none"})
+    fraction: float = field(default=1.0, metadata={"help": "label fraction of train, in (0, 1]"})
+    arm: str = field(default="scratch", metadata={"help": "an arm of `arm_sets` (default: scratch, prcc, cam16, "
+                                                          "prcc+cam16), its twin random:<arm>, or random"})
+    mode: str = field(default="sum", metadata={"help": "fusion mode: sum, concat or gated"})
+    seed: int = field(default=0, metadata={"help": "CNN init, batch order and augmentation seed"})
+    prcc_checkpoint: str = "checkpoints/prcc_autoencoder.pt"
+    cam16_checkpoint: str = "checkpoints/cam16_resnet.pt"
+    sources: dict = field(default_factory=dict, metadata={
+        "help": "more encoder sources, name -> checkpoint path, 'timm:<model>'/'torchvision:<model>' or "
+                "{model, weights, input_size, mean, std} (see fusion/sources.py); YAML only"})
+    arm_sets: dict = field(default_factory=dict, metadata={
+        "help": "more arms, name -> list of source names (YAML only); each gets its twin random:<name>"})
     out: str = field(default="runs/run", metadata={"help": "run folder"})
     val_run: str = field(default="", metadata={
         "help": "folder of a finished validation-only run (eval_test false) of this same config, e.g. the "
                 "study's pilot: its chosen weights are tested instead of training again ('' = train)"})
     overwrite: bool = field(default=False, metadata={"help": "empty an existing run folder first"})
-    progress: bool = True
-    curves: bool = field(default=True, metadata={"help": "write curves.png (about a second per run on CPU)"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         self.registry().arm(self.arm)
         check_mode(self.mode)
         if not 0 < float(self.fraction) <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.encoder_features not in ENCODER_FEATURES:
-            raise ValueError(f"encoder_features must be one of {ENCODER_FEATURES}, got {self.encoder_features!r}")
-        if not 0 <= float(self.warmup) < 1:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
-        for name in ("epochs", "batch_size", "image_size", "evals"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.image_size) < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        for name, section in (("model", ModelConfig), ("optim", OptimConfig), ("augment", AugmentConfig),
+                              ("runtime", RuntimeConfig)):
+            if isinstance(getattr(self, name), dict):  # built in code from a nested dict
+                setattr(self, name, config_from_dict(section, getattr(self, name), prefix=f"{name}."))
 
     def registry(self) -> Registry:
         """The run's sources and arms: the original two from their checkpoint fields, plus config."""
@@ -177,11 +218,11 @@ def class_weight_tensor(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 def plan_steps(n_train: int, cfg: RunConfig) -> tuple[int, int, int]:
     """(batch size, steps between validations, validations): `epochs` passes over the training images,
     clamped to [min_steps, max_steps] steps in all, split into `evals` equal chunks."""
-    bs = max(1, min(cfg.batch_size, n_train))
-    total = max(cfg.min_steps, cfg.epochs * math.ceil(n_train / bs))
-    if cfg.max_steps > 0:
-        total = min(total, cfg.max_steps)
-    evals = max(1, min(cfg.evals, total))
+    bs = max(1, min(cfg.optim.batch_size, n_train))
+    total = max(cfg.optim.min_steps, cfg.optim.epochs * math.ceil(n_train / bs))
+    if cfg.optim.max_steps > 0:
+        total = min(total, cfg.optim.max_steps)
+    evals = max(1, min(cfg.optim.evals, total))
     return bs, math.ceil(total / evals), evals
 
 
@@ -274,7 +315,7 @@ def recalibrate_bn(cnn: SmallCNN, images: torch.Tensor, rows: torch.Tensor, devi
 
 
 def _eval(model, images, feats, rows, labels, device, cfg, loss_weight, classes) -> dict:
-    logits, gates = predict(model, images, feats, rows, device, cfg.eval_batch_size, cfg.amp)
+    logits, gates = predict(model, images, feats, rows, device, cfg.runtime.eval_batch_size, cfg.runtime.amp)
     y = labels[torch.as_tensor(rows)]
     m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), classes)
     loss = F.cross_entropy(logits, y, weight=loss_weight).item()
@@ -294,10 +335,22 @@ def _finished(run_dir: Path) -> dict | None:
 
 
 # fields that may differ between a validation-only run and the run that reuses it (`val_run`)
-_TWIN_FREE = ("out", "eval_test", "progress", "curves", "overwrite", "val_run")
+_TWIN_FREE = ("out", "runtime.eval_test", "runtime.progress", "runtime.curves", "overwrite", "val_run")
 # fields that do not change a finished run's numbers: a run may be reused when only these differ
 # (eval_batch_size gives the same numbers at any size, benchmarks/real_study/NOTES.md)
-RESULT_FREE = ("out", "progress", "curves", "overwrite", "val_run", "eval_batch_size", "cache_dir")
+RESULT_FREE = ("out", "runtime.progress", "runtime.curves", "overwrite", "val_run", "runtime.eval_batch_size",
+               "cache_dir")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: config sections as dotted keys, to compare field by field."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "optim", "augment", "runtime"):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 class SettingsChangedError(ValueError):
@@ -314,8 +367,8 @@ def settings_diff(cfg: RunConfig, run_dir: str | os.PathLike) -> list[str]:
         old = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return [f"{path.name} missing or unreadable"]
-    new = to_plain(cfg)
-    defaults = to_plain(type(cfg)())  # a field added since the run was made counts as its default
+    old, new = flat(old), flat(to_plain(cfg))
+    defaults = flat(to_plain(type(cfg)()))  # a field added since the run was made counts as its default
     keys = sorted((set(old) | set(new)) - set(RESULT_FREE))
     return [f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k)!r}" for k in keys
             if old.get(k, defaults.get(k)) != new.get(k)]
@@ -330,8 +383,8 @@ def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
         print(f"{run_dir.name}: {src} holds no finished validation-only run; training it")
         return None
     ckpt = load_checkpoint(src / "best.pt", kind="wbc_fusion")
-    mine = {k: v for k, v in to_plain(cfg).items() if k not in _TWIN_FREE}
-    theirs = {k: v for k, v in ckpt.get("train", {}).items() if k not in _TWIN_FREE}
+    mine = {k: v for k, v in flat(to_plain(cfg)).items() if k not in _TWIN_FREE}
+    theirs = {k: v for k, v in flat(ckpt.get("train", {})).items() if k not in _TWIN_FREE}
     if mine != theirs:
         diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         print(f"{run_dir.name}: {src} was trained with other settings ({', '.join(diff)}); training it")
@@ -368,11 +421,11 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         return done
     run_dir = make_run_dir(run_dir.parent, run_dir.name, overwrite=cfg.overwrite)
     start_run(run_dir, cfg, stale=("log.jsonl", "best.pt", "curves.png"))  # a killed run restarts from scratch
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = get_device(cfg.device)
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+    device = get_device(cfg.runtime.device)
     if data is None:
-        data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.progress,
+        data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.runtime.progress,
                         classes=cfg.classes)
     if data.image_size != cfg.image_size:
         raise ValueError(f"data {data.root} was loaded at {data.image_size}px but the run asks for "
@@ -386,14 +439,14 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         raise ValueError(f"the split has {len(val_rows)} val and {len(test_rows)} test images; both are "
                          f"needed (early stopping on val, metrics on test)")
 
-    encoders = load_arm_encoders(cfg.arm, cfg.registry(), cfg.seed, cfg.image_size, cfg.encoder_resize)
+    encoders = load_arm_encoders(cfg.arm, cfg.registry(), cfg.seed, cfg.image_size, cfg.model.encoder_resize)
     images = images_to_tensor(data.images)  # (N, 3, S, S) uint8
     labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
     feats: dict[str, torch.Tensor] = {}
-    if encoders and cfg.encoder_features == "precompute":
+    if encoders and cfg.model.encoder_features == "precompute":
         cache = features if features is not None else FeatureCache()
         feats = cache.get(encoders, images, images_key(data.hashes, data.image_size), device, seed=cfg.seed,
-                          batch_size=cfg.eval_batch_size, encoder_resize=cfg.encoder_resize)
+                          batch_size=cfg.runtime.eval_batch_size, encoder_resize=cfg.model.encoder_resize)
     if device.type == "cuda":
         images = images.to(device)
         feats = {s: f.to(device) for s, f in feats.items()}
@@ -401,30 +454,30 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     # same seed -> same CNN init, batch order and augmentations in every arm (paired comparisons)
     seed_everything(cfg.seed)
     n_classes = len(data.classes)
-    cnn_cfg = CNNConfig(channels=cfg.cnn_channels, num_classes=n_classes, dropout=cfg.dropout,
+    cnn_cfg = CNNConfig(channels=cfg.model.cnn_channels, num_classes=n_classes, dropout=cfg.model.dropout,
                         input_size=cfg.image_size)
     cnn = SmallCNN(cnn_cfg)
-    model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.encoder_resize, cfg.dropout).to(device)
+    model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.model.encoder_resize, cfg.model.dropout).to(device)
     g = torch.Generator().manual_seed(cfg.seed)
-    loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.class_weights else None
-    aug = AugConfig(scale=(cfg.aug_scale_min, 1.0), rotate=cfg.aug_rotate, color=cfg.aug_color) \
-        if cfg.augment else None
-    feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.label_smoothing)
+    loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
+    aug = AugConfig(scale=(cfg.augment.scale_min, 1.0), rotate=cfg.augment.rotate, color=cfg.augment.color) \
+        if cfg.augment.enabled else None
+    feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing)
     bs, steps, epochs = plan_steps(len(train_rows), cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, steps * epochs, cfg.warmup)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = warmup_cosine(optimizer, steps * epochs, cfg.optim.warmup)
     train_t = torch.as_tensor(train_rows)
 
     def train_epoch(epoch: int) -> dict:
         batches = [train_t[b] for b in _batches(len(train_rows), bs, steps, g)]
-        return train_one_epoch(model, batches, feeder.step, optimizer, device, amp=cfg.amp,
+        return train_one_epoch(model, batches, feeder.step, optimizer, device, amp=cfg.runtime.amp,
                                desc=f"epoch {epoch}", progress=False, scheduler=scheduler)
 
     calib_rows = train_t[torch.randperm(len(train_t), generator=torch.Generator().manual_seed(cfg.seed))]
 
     def validate(epoch: int) -> dict:
-        recalibrate_bn(model.cnn, images, calib_rows, device, bs, cfg.bn_recalibrate)
+        recalibrate_bn(model.cnn, images, calib_rows, device, bs, cfg.optim.bn_recalibrate)
         r = _eval(model, images, feats, val_rows, labels, device, cfg, loss_weight, data.classes)
         return {k: r[k] for k in ("loss", "acc", "macro_f1")}
 
@@ -433,13 +486,13 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
             "mode": cfg.mode, "fraction": float(cfg.fraction),
             "seed": int(cfg.seed), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
             "n_test": int(len(test_rows)), "trainable_params": count_parameters(model, trainable_only=True),
-            "image_size": cfg.image_size, "encoder_features": cfg.encoder_features}
+            "image_size": cfg.image_size, "encoder_features": cfg.model.encoder_features}
     twin = _val_only_twin(cfg, run_dir) if cfg.val_run else None
     try:
         res = twin or fit(model, epochs=epochs, train_epoch=train_epoch, validate=validate, optimizer=optimizer,
                   monitor="val_macro_f1", mode="max", plateau_patience=None,
-                  early_stop=cfg.early_stop or None, log_path=run_dir / "log.jsonl",
-                  progress=cfg.progress, desc=f"{cfg.arm}/{cfg.mode} f={cfg.fraction} s={cfg.seed}")
+                  early_stop=cfg.optim.early_stop or None, log_path=run_dir / "log.jsonl",
+                  progress=cfg.runtime.progress, desc=f"{cfg.arm}/{cfg.mode} f={cfg.fraction} s={cfg.seed}")
     except NonFiniteLossError as e:
         result = {**base, "status": "failed", "reason": f"non-finite loss: {e}",
                   "seconds": round(time.perf_counter() - t0, 2)}
@@ -452,7 +505,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     result = {**base, "status": "ok", "best_epoch": res.best_epoch, "val_macro_f1": res.best.get("val_macro_f1"),
               "val_acc": res.best.get("val_acc"), "epochs_run": len(res.history),
               "steps": len(res.history) * steps, "batch_size": bs, "stopped_early": res.stopped_early}
-    if cfg.eval_test:  # once, with the weights chosen on validation
+    if cfg.runtime.eval_test:  # once, with the weights chosen on validation
         test = _eval(model, images, feats, test_rows, labels, device, cfg, loss_weight, data.classes)
         m = test["metrics"]
         result.update({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
@@ -461,7 +514,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                        "classes": list(data.classes), "test_loss": test["loss"], "gate_weights": test["gates"]})
     else:
         result.update({"status": "val_only", "accuracy": None, "macro_f1": None})
-    if cfg.curves:
+    if cfg.runtime.curves:
         plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc", "macro_f1"),
                     title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
     save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg, data.classes),
@@ -483,7 +536,7 @@ def fusion_model_config(model: FusionModel, cfg: RunConfig, classes: Sequence[st
     """Plain-dict config that `build_fusion_model` turns back into the same FusionModel."""
     reg = cfg.registry()
     return {"cnn": to_plain(model.cnn.cfg), "mode": model.mode, "num_classes": model.num_classes,
-            "encoder_resize": model.encoder_resize, "dropout": cfg.dropout, "arm": cfg.arm, "seed": cfg.seed,
+            "encoder_resize": model.encoder_resize, "dropout": cfg.model.dropout, "arm": cfg.arm, "seed": cfg.seed,
             "sources": fusion_sources_config(reg, cfg.arm), "twin": reg.arm(cfg.arm).random,
             "classes": list(classes)}
 

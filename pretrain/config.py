@@ -195,10 +195,13 @@ def config_from_dict(cls: type[T], d: dict[str, Any], source: str = "config", pr
                           f"got {_shown(d)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
-                          f"valid keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
+    if unknown:
+        sections = {k: t for k, t in hints.items() if dataclasses.is_dataclass(t)}
+        moved = [f"{k} is now {prefix}{s}.{k}" for k in unknown for s, t in sections.items()
+                 if k in {f.name for f in dataclasses.fields(t)}]
+        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}"
+                          + (f" ({'; '.join(moved)})" if moved else "") + f"; valid keys: {sorted(fields)}")
     values = {k: check_value(v, hints.get(k, Any), prefix + k, source) for k, v in d.items()}
     try:
         return cls(**values)

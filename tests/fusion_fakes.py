@@ -96,3 +96,21 @@ def write_wbc_folder(root: Path, n_per_class: int = 12, size: int = 16, seed: in
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(p)
     return root
+
+
+_SECTIONS = {"model": ("cnn_channels", "dropout", "encoder_resize", "encoder_features"),
+             "optim": ("epochs", "min_steps", "max_steps", "evals", "batch_size", "lr", "warmup", "weight_decay",
+                       "class_weights", "label_smoothing", "early_stop", "bn_recalibrate"),
+             "runtime": ("device", "amp", "eval_batch_size", "eval_test", "threads", "progress", "curves")}
+
+
+def nest(**kw) -> dict:
+    """Flat test settings -> RunConfig's sections, so tests can list the few knobs they set in one line."""
+    out: dict = {}
+    for k, v in kw.items():
+        section = next((s for s, names in _SECTIONS.items() if k in names), None)
+        if section is None:
+            out[k] = v
+        else:
+            out.setdefault(section, {})[k] = v
+    return out

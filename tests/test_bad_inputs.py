@@ -67,9 +67,9 @@ def _yaml(tmp: Path, text: str) -> str:
 
 
 def _wbc_args(fx, tmp) -> list[str]:
-    return ["--data", str(fx["wbc"]), "--cache-dir", "", "--image-size", "16", "--cnn-channels", "8",
-            "--epochs", "1", "--min-steps", "2", "--evals", "1", "--val", "0.25", "--test", "0.25",
-            "--progress", "false", "--curves", "false", "--device", "cpu",
+    return ["--data", str(fx["wbc"]), "--cache-dir", "", "--image-size", "16", "--model.cnn-channels", "8",
+            "--optim.epochs", "1", "--optim.min-steps", "2", "--optim.evals", "1", "--val", "0.25", "--test", "0.25",
+            "--runtime.progress", "false", "--runtime.curves", "false", "--runtime.device", "cpu",
             "--prcc-checkpoint", str(fx["ck"]["prcc"]), "--cam16-checkpoint", str(fx["ck"]["prcc"])]
 
 
@@ -131,10 +131,10 @@ CASES = {
     "sweep-yaml-overwrite-quoted-false": Case("sweep", lambda f, t: [
         *_finished_sweep(f, t), "--config", _yaml(t, 'overwrite: "false"\n')], "overwrite",
         keep=lambda f, t: [t / "sweep" / "results.jsonl"]),
-    "sweep-yaml-augment-quoted-false": Case("sweep", lambda f, t: ["--config", _yaml(t, 'augment: "false"\n')],
+    "sweep-yaml-augment-quoted-false": Case("sweep", lambda f, t: ["--config", _yaml(t, 'augment:\n  enabled: "false"\n')],
                                             "augment"),
-    "sweep-yaml-epochs-float": Case("sweep", lambda f, t: ["--config", _yaml(t, "epochs: 2.7\n")], "epochs"),
-    "sweep-yaml-epochs-word": Case("sweep", lambda f, t: ["--config", _yaml(t, "epochs: ten\n")], "epochs"),
+    "sweep-yaml-epochs-float": Case("sweep", lambda f, t: ["--config", _yaml(t, "optim:\n  epochs: 2.7\n")], "optim.epochs"),
+    "sweep-yaml-epochs-word": Case("sweep", lambda f, t: ["--config", _yaml(t, "optim:\n  epochs: ten\n")], "optim.epochs"),
     "sweep-yaml-arms-scalar": Case("sweep", lambda f, t: ["--config", _yaml(t, "arms: scratch\n")], "arms"),
     "sweep-yaml-seeds-string-item": Case("sweep", lambda f, t: ["--config", _yaml(t, "seeds: [0, one]\n")],
                                          "seeds[1]"),
@@ -142,8 +142,8 @@ CASES = {
     "sweep-yaml-not-mapping": Case("sweep", lambda f, t: ["--config", _yaml(t, "- 1\n- 2\n")], "cfg.yaml"),
     "sweep-yaml-syntax": Case("sweep", lambda f, t: ["--config", _yaml(t, "epochs: [1, 2\n")], "cfg.yaml"),
     "sweep-config-missing": Case("sweep", lambda f, t: ["--config", str(t / "nope.yaml")], "nope.yaml"),
-    "sweep-flag-epochs-word": Case("sweep", lambda f, t: ["--epochs", "ten"], "--epochs", code=2),
-    "sweep-flag-bool-word": Case("sweep", lambda f, t: ["--augment", "maybe"], "--augment", code=2),
+    "sweep-flag-epochs-word": Case("sweep", lambda f, t: ["--optim.epochs", "ten"], "--optim.epochs", code=2),
+    "sweep-flag-bool-word": Case("sweep", lambda f, t: ["--augment.enabled", "maybe"], "--augment.enabled", code=2),
     "sweep-flag-unknown": Case("sweep", lambda f, t: ["--epoch", "3"], "--epoch", code=2),
     "sweep-unknown-arm": Case("sweep", lambda f, t: ["--arms", "imagenet"], "imagenet"),
     "sweep-unknown-mode": Case("sweep", lambda f, t: ["--modes", "attention"], "attention"),
@@ -153,7 +153,7 @@ CASES = {
         *_sweep_args(f, t), "--arms", "cam16", "--cam16-checkpoint", str(t / "none.pt")], "none.pt"),
     "sweep-missing-data": Case("sweep", lambda f, t: [*_sweep_args(f, t), "--data", str(t / "nodata")], "nodata"),
     # --- resume (defect 4) -------------------------------------------------------------------------
-    "sweep-resume-other-lr": Case("sweep", lambda f, t: [*_finished_sweep(f, t), "--lr", "0.01"], "lr: 0.002 -> 0.01",
+    "sweep-resume-other-lr": Case("sweep", lambda f, t: [*_finished_sweep(f, t), "--optim.lr", "0.01"], "optim.lr: 0.002 -> 0.01",
                                   keep=lambda f, t: [t / "sweep" / "config.yaml", t / "sweep" / "results.jsonl"]),
     "sweep-resume-other-image-size": Case("sweep", lambda f, t: [*_finished_sweep(f, t), "--image-size", "24"],
                                           "image_size: 16 -> 24"),
@@ -161,10 +161,10 @@ CASES = {
     # --- train_fusion ------------------------------------------------------------------------------
     "train-unknown-arm": Case("train_fusion", lambda f, t: ["--arm", "imagenet"], "imagenet"),
     "train-fraction-0": Case("train_fusion", lambda f, t: ["--fraction", "0"], "fraction"),
-    "train-warmup-1.5": Case("train_fusion", lambda f, t: ["--warmup", "1.5"], "warmup"),
-    "train-encoder-features": Case("train_fusion", lambda f, t: ["--encoder-features", "cached"], "cached"),
+    "train-warmup-1.5": Case("train_fusion", lambda f, t: ["--optim.warmup", "1.5"], "optim.warmup"),
+    "train-encoder-features": Case("train_fusion", lambda f, t: ["--model.encoder-features", "cached"], "cached"),
     "train-image-size-0": Case("train_fusion", lambda f, t: ["--image-size", "0"], "image_size"),
-    "train-device-cuda": Case("train_fusion", lambda f, t: [*_wbc_args(f, t), "--device", "cuda:3",
+    "train-device-cuda": Case("train_fusion", lambda f, t: [*_wbc_args(f, t), "--runtime.device", "cuda:3",
                                                             "--out", str(t / "r")], "cuda:3"),
     "train-empty-data": Case("train_fusion", lambda f, t: [*_wbc_args(f, t), "--data", str(_mk(t / "empty")),
                                                            "--out", str(t / "r")], "empty"),
@@ -174,8 +174,8 @@ CASES = {
                                                               "--out", str(t / "r")], "s.json"),
     "train-split-of-other-images": Case("train_fusion", lambda f, t: [
         *_wbc_args(f, t), "--split", str(_other_split(f, t)), "--out", str(t / "r")], "other_split.json"),
-    "train-resume-other-settings": Case("train_fusion", lambda f, t: _finished_run(f, t, "--dropout", "0.5"),
-                                        "dropout: 0.2 -> 0.5"),
+    "train-resume-other-settings": Case("train_fusion", lambda f, t: _finished_run(f, t, "--model.dropout", "0.5"),
+                                        "model.dropout: 0.2 -> 0.5"),
     # --- make_split ---------------------------------------------------------------------------------
     "split-missing-data": Case("make_split", lambda f, t: ["--data", str(t / "nowhere"), "--out", str(t / "s.json")],
                                "nowhere"),
@@ -361,7 +361,7 @@ def test_the_suite_covers_every_script_and_at_least_fifty_cases():
 
 
 @pytest.mark.parametrize("argv,names", [
-    (["scripts/sweep.py", "--epochs", "2.7"], "--epochs"),
+    (["scripts/sweep.py", "--optim.epochs", "2.7"], "--optim.epochs"),
     (["scripts/report.py", "/nonexistent/sweep"], "/nonexistent/sweep"),
     (["scripts/pretrain_cam16.py", "--arch", "resnet999"], "resnet999"),
 ])

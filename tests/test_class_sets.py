@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 import pytest
-from fusion_fakes import tiny_checkpoints
+from fusion_fakes import nest, tiny_checkpoints
 from PIL import Image
 
 from fusion.report import make_report
@@ -37,11 +37,11 @@ def _folder(root, classes, n=10, size=16, seed=0):
 def test_sweep_and_report_on_any_class_set(tmp_path, classes, spec):
     data = _folder(tmp_path / "cells", classes)
     ck = tiny_checkpoints(tmp_path / "ck")
-    cfg = SweepConfig(data=str(data), classes=spec, cache_dir="", val=0.2, test=0.2, image_size=16,
+    cfg = SweepConfig(**nest(data=str(data), classes=spec, cache_dir="", val=0.2, test=0.2, image_size=16,
                       cnn_channels=[8], epochs=2, min_steps=4, max_steps=0, evals=1, batch_size=8,
                       prcc_checkpoint=str(ck["prcc"]), cam16_checkpoint=str(ck["cam16"]),
                       fractions=[0.5, 1.0], arms=["scratch", "prcc"], twins=True, seeds=[0, 1, 2],
-                      out=str(tmp_path / "sweep"), progress=False, device="cpu", curves=False)
+                      out=str(tmp_path / "sweep"), progress=False, device="cpu", curves=False))
     rows = read_jsonl(run_sweep(cfg))
     expected = ["lymphocyte", "blast", "other"] if not spec else ["leukaemic", "normal"]  # WBC names first
     assert len(rows) == 2 * 3 * 3 and all(r["status"] == "ok" for r in rows)  # scratch, prcc, random:prcc

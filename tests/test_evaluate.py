@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_shared
-from fusion_fakes import tiny_checkpoints, write_wbc_folder
+from fusion_fakes import nest, tiny_checkpoints, write_wbc_folder
 from PIL import Image
 from sklearn.metrics import f1_score
 
@@ -29,7 +29,7 @@ def _run(root: Path, data: Path, out: Path, **kw) -> Path:
     cfg = dict(data=str(data), cache_dir="", val=0.25, test=0.25, image_size=16, cnn_channels=[8], epochs=1,
                min_steps=2, max_steps=0, evals=1, batch_size=16, device="cpu", progress=False, curves=False,
                out=str(out))
-    train_run(RunConfig(**{**cfg, **kw}))
+    train_run(RunConfig(**nest(**{**cfg, **kw})))
     return out / "best.pt"
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from fusion_fakes import synthetic_wbc, tiny_checkpoints, use_tiny_cam16
+from fusion_fakes import nest, synthetic_wbc, tiny_checkpoints, use_tiny_cam16
 
 from fusion.encoders import load_arm_encoders
 from fusion.models import CNNConfig, FusionModel, SmallCNN
@@ -33,7 +33,7 @@ def _cfg(env, tmp_path, **kw) -> RunConfig:
                 cnn_channels=[8, 16], epochs=2, min_steps=4, max_steps=0, evals=2, batch_size=16, early_stop=0,
                 prcc_checkpoint=str(env["ckpt"]["prcc"]), cam16_checkpoint=str(env["ckpt"]["cam16"]),
                 out=str(tmp_path / "run"), progress=False, device="cpu", curves=False)
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**nest(**{**base, **kw}))
 
 
 def test_run_writes_everything_and_reloads(env, tmp_path):
@@ -145,12 +145,12 @@ def test_bad_inputs(env, tmp_path):
 
 
 def test_plan_steps_gives_small_fractions_enough_steps():
-    cfg = RunConfig(epochs=20, min_steps=400, max_steps=1000, batch_size=64, evals=10)
+    cfg = RunConfig(**nest(epochs=20, min_steps=400, max_steps=1000, batch_size=64, evals=10))
     bs, steps, evals = plan_steps(57, cfg)
     assert (bs, steps, evals) == (57, 40, 10)  # 20 passes = 20 steps < min_steps -> 400 steps
     bs, steps, evals = plan_steps(5700, cfg)
     assert (bs, steps, evals) == (64, 100, 10)  # 20 passes = 1800 steps, capped at max_steps
-    bs, steps, evals = plan_steps(1000, RunConfig(epochs=4, min_steps=10, max_steps=0, evals=3))
+    bs, steps, evals = plan_steps(1000, RunConfig(**nest(epochs=4, min_steps=10, max_steps=0, evals=3)))
     assert bs == 64 and steps * evals >= 4 * 16 and evals == 3
 
 
@@ -178,7 +178,7 @@ def test_predictions_do_not_depend_on_the_eval_batch_size():
     ref, _ = predict(model, images, {}, rows, torch.device("cpu"), 512)
     for bs in (128, 64, 7):
         assert torch.equal(predict(model, images, {}, rows, torch.device("cpu"), bs)[0], ref), bs
-    assert RunConfig().eval_batch_size == 128
+    assert RunConfig().runtime.eval_batch_size == 128
 
 
 def test_recalibrate_bn_uses_exact_clean_statistics():

@@ -44,7 +44,7 @@ def test_cut_down_real_study_end_to_end(tmp_path, monkeypatch):
             "prcc.epochs=1", "prcc.tiles_per_slide=10", "prcc.crops_per_image=2", "prcc.val_crops_per_image=2",
             "cam16.epochs=1", "pilot.modes=[concat]", "pilot.fractions=[0.1]",
             "sweep.fractions=[0.01,0.1]", "sweep.arms=[scratch,prcc+cam16]", "sweep.seeds=[0]",
-            "sweep.min_steps=40", "sweep.max_steps=60", "sweep.evals=2", f"sweep.cache_dir={tmp_path / 'cache'}"]
+            "sweep.optim.min_steps=40", "sweep.optim.max_steps=60", "sweep.optim.evals=2", f"sweep.cache_dir={tmp_path / 'cache'}"]
     computed = []
     real_compute = fusion.encoders.compute_features
 

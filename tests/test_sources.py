@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from fusion_fakes import tiny_checkpoints, write_wbc_folder
+from fusion_fakes import nest, tiny_checkpoints, write_wbc_folder
 
 from fusion.sources import SourceError, build_registry, twin_seed
 from fusion.sweep import SweepConfig, run_sweep
@@ -54,13 +54,13 @@ def test_bad_sources_and_arms_name_the_problem(sources, arms, match):
 
 def test_a_timm_source_from_yaml_is_fused_with_its_twin_and_reloads(files, tmp_path):
     cfg_path = tmp_path / "sweep.yaml"
-    cfg_path.write_text(yaml.safe_dump({
+    cfg_path.write_text(yaml.safe_dump(nest(**{
         "data": str(files["wbc"]), "cache_dir": "", "val": 0.25, "test": 0.25, "image_size": 16,
         "cnn_channels": [8], "epochs": 1, "min_steps": 2, "max_steps": 0, "evals": 1, "batch_size": 16,
         "sources": {"tm": {"model": "timm:test_resnet", "weights": str(files["weights"]), "input_size": 32}},
         "arms": {"scratch": [], "tm": ["tm"]}, "modes": ["concat"], "fractions": [1.0], "seeds": [0],
         "prcc_checkpoint": str(files["ck"]["prcc"]), "out": str(tmp_path / "sweep"), "progress": False,
-        "device": "cpu", "curves": False}))
+        "device": "cpu", "curves": False})))
     cfg, _ = parse_config(SweepConfig, ["--config", str(cfg_path)])
     assert cfg.arms == ["scratch", "tm", "random:tm"]  # the twin is added
     rows = {r["arm"]: r for r in read_jsonl(run_sweep(cfg))}

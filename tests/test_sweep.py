@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from fusion_fakes import tiny_checkpoints, use_tiny_cam16, write_wbc_folder
+from fusion_fakes import nest, tiny_checkpoints, use_tiny_cam16, write_wbc_folder
 
 import fusion.sweep as sweep
 from fusion.sweep import SweepConfig, run_specs, run_sweep
@@ -31,7 +31,7 @@ def _cfg(env, out, **kw) -> SweepConfig:
                 prcc_checkpoint=str(env["ckpt"]["prcc"]), cam16_checkpoint=str(env["ckpt"]["cam16"]),
                 fractions=[1.0], arms=["scratch", "random"], modes=["sum"], seeds=[0, 1], out=str(out),
                 progress=False, device="cpu", curves=False)
-    return SweepConfig(**{**base, **kw})
+    return SweepConfig(**nest(**{**base, **kw}))
 
 
 def _strip(rows):

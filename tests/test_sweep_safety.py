@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fusion_fakes import tiny_checkpoints, use_tiny_cam16, write_wbc_folder
+from fusion_fakes import nest, tiny_checkpoints, use_tiny_cam16, write_wbc_folder
 
 from fusion.sweep import LOCK, SweepConfig, run_sweep
 from fusion.train import RunConfig, SettingsChangedError, train_run
@@ -42,7 +42,7 @@ def _base(env, out) -> dict:
 
 
 def _cfg(env, out, **kw) -> SweepConfig:
-    return SweepConfig(**{**_base(env, out), **kw})
+    return SweepConfig(**nest(**{**_base(env, out), **kw}))
 
 
 def _strip(rows):
@@ -53,7 +53,7 @@ def test_resume_with_other_settings_names_them_and_keeps_the_folder_as_it_was(en
     out = tmp_path / "s"
     run_sweep(_cfg(env, out))
     before = (out / "config.yaml").read_text()
-    with pytest.raises(SettingsChangedError, match=r"2 of 2 finished runs.*lr: 0\.002 -> 0\.001.*--rerun-changed"):
+    with pytest.raises(SettingsChangedError, match=r"2 of 2 finished runs.*optim\.lr: 0\.002 -> 0\.001.*--rerun-changed"):
         run_sweep(_cfg(env, out, lr=1e-3))
     assert (out / "config.yaml").read_text() == before  # the folder does not claim settings its runs lack
     assert not (out / LOCK).exists()
@@ -69,15 +69,15 @@ def test_rerun_changed_trains_those_runs_again_and_logs_each_once(env, tmp_path)
     assert sorted(r["run"] for r in rows) == ["f1.0_scratch_s0", "f1.0_scratch_s1"]
     fresh = read_jsonl(run_sweep(_cfg(env, tmp_path / "fresh", lr=1e-3)))
     assert _strip(rows) == _strip(fresh)
-    assert yaml.safe_load((out / "runs" / "f1.0_scratch_s0" / "config.yaml").read_text())["lr"] == 1e-3
+    assert yaml.safe_load((out / "runs" / "f1.0_scratch_s0" / "config.yaml").read_text())["optim"]["lr"] == 1e-3
 
 
 def test_single_run_reuse_checks_settings_too(env, tmp_path):
     base = {k: v for k, v in _base(env, tmp_path / "one").items()
             if k not in ("fractions", "arms", "modes", "seeds")}
-    train_run(RunConfig(**base))
+    train_run(RunConfig(**nest(**base)))
     with pytest.raises(SettingsChangedError, match="image_size: 16 -> 24"):
-        train_run(RunConfig(**{**base, "image_size": 24}))
+        train_run(RunConfig(**nest(**{**base, "image_size": 24})))
 
 
 def test_a_split_made_for_another_seed_is_not_reused_silently(env, tmp_path):
@@ -140,7 +140,7 @@ def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_sweep(file
     cfgs = {}
     for name in ("full", "killed"):
         cfgs[name] = tmp_path / f"{name}.yaml"
-        cfgs[name].write_text(yaml.safe_dump({**base, "out": str(tmp_path / name)}))
+        cfgs[name].write_text(yaml.safe_dump(nest(**{**base, "out": str(tmp_path / name)})))
     subprocess.run(_sweep_cmd(cfgs["full"]), check=True, capture_output=True, cwd=ROOT)
     expected = _strip(read_jsonl(tmp_path / "full" / "results.jsonl"))
     assert len(expected) == 8

@@ -68,8 +68,8 @@ def main() -> int:
         "sources": {"r18": {"model": "torchvision:resnet18", "weights": str(weights["r18"]), "input_size": 64},
                     "tm": {"model": "timm:resnet10t", "weights": str(weights["tm"]), "input_size": 64}},
         "arms": {"scratch": [], "r18": ["r18"], "tm": ["tm"]}, "twins": True, "modes": ["concat"],
-        "fractions": [0.01, 1.0], "seeds": args.seeds, "out": str(work / "sweep"), "curves": False,
-        "progress": False,
+        "fractions": [0.01, 1.0], "seeds": args.seeds, "out": str(work / "sweep"),
+        "runtime": {"curves": False, "progress": False},
     }
     (work / "sweep.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert cli(sweep, ["--config", str(work / "sweep.yaml")]) == 0
