@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,19 @@ CHECKPOINTS = {"prcc": "prcc_autoencoder.pt", "cam16": "cam16_resnet.pt"}  # enc
 RECORD_FILES = {"report.md": "report.md", "results.csv": "results.csv", "per_class.csv": "per_class.csv",
                 "paired.csv": "paired.csv", "metric_vs_fraction.png": "metric_vs_fraction.png",
                 "results.jsonl": "results.jsonl", "config.yaml": "sweep_config.yaml"}  # sweep file -> record name
+
+
+STUDY_KEYS = ("shared", "work", "record", "prcc", "cam16", "pilot", "sweep")
+
+
+@dataclass
+class PilotConfig:
+    """The study's fusion-mode pilot: candidate modes of one arm, on validation only (`pilot:`)."""
+
+    arm: str = "prcc+cam16"
+    modes: list[str] = field(default_factory=list)  # candidate modes, e.g. [concat, gated]; [] = no pilot
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    seeds: list[int] = field(default_factory=lambda: [0])
 
 
 class SharedDataMissing(FileNotFoundError):
@@ -62,6 +76,9 @@ def load_study_config(path: str | os.PathLike, sets: list[str] = ()) -> dict:
             raise ValueError(f"--set expects section.key=value, got {s!r}")
         key, val = s.split("=", 1)
         _set(cfg, key.strip(), yaml.safe_load(val))
+    unknown = sorted(set(cfg) - set(STUDY_KEYS))
+    if unknown:
+        raise ValueError(f"study config {path}: unknown key(s) {unknown}; valid keys: {list(STUDY_KEYS)}")
     for section in ("prcc", "cam16", "pilot", "sweep"):
         cfg.setdefault(section, {})
     return cfg
@@ -165,9 +182,8 @@ def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dic
     from .sweep import run_name
     from .train import RunConfig, train_run
 
-    pilot = cfg["pilot"]
-    modes, arm = list(pilot.get("modes", ["concat", "gated"])), pilot.get("arm", "prcc+cam16")
-    fractions, seeds = list(pilot.get("fractions", [0.01, 0.1])), list(pilot.get("seeds", [0]))
+    pilot = config_from_dict(PilotConfig, cfg["pilot"], source="study config", prefix="pilot.")
+    modes, arm, fractions, seeds = pilot.modes, pilot.arm, pilot.fractions, pilot.seeds
     base = {k: v for k, v in sweep_kw.items() if k in RunConfig.__dataclass_fields__}
     base["runtime"] = {**base.get("runtime", {}), "eval_test": False, "progress": False, "curves": False}
     data = load_wbc(base["data"], base.get("image_size", 48), base.get("cache_dir") or None, progress=False,
@@ -225,10 +241,12 @@ def run_study(cfg: dict) -> Path:
     timings = _Timings(work / "timings.json")
     _probe_speed(work / "speed.json", "start")
 
-    prcc = PRCCConfig(**{**cfg["prcc"], "out": str(ckpt["prcc"]), "run_dir": str(work / "prcc")})
+    prcc = config_from_dict(PRCCConfig, {**cfg["prcc"], "out": str(ckpt["prcc"]), "run_dir": str(work / "prcc")},
+                            source="study config prcc")
     timings.run("prcc_autoencoder", ckpt["prcc"].is_file() and (work / "prcc" / "metrics.json").is_file(),
                 lambda: fit_prcc(prcc))
-    cam16 = Cam16Config(**{**cfg["cam16"], "out": str(ckpt["cam16"]), "run_dir": str(work / "cam16")})
+    cam16 = config_from_dict(Cam16Config, {**cfg["cam16"], "out": str(ckpt["cam16"]), "run_dir": str(work / "cam16")},
+                             source="study config cam16")
     timings.run("cam16_resnet", ckpt["cam16"].is_file() and (work / "cam16" / "metrics.json").is_file(),
                 lambda: fit_cam16(cam16))
 
@@ -238,7 +256,7 @@ def run_study(cfg: dict) -> Path:
     pilot_path = work / "pilot.json"
     features = FeatureCache()  # frozen features, shared by the pilot and the sweep
     modes = list(sweep_kw.get("modes", ["sum"]))
-    if cfg["pilot"].get("modes"):
+    if config_from_dict(PilotConfig, cfg["pilot"], source="study config", prefix="pilot.").modes:
         timings.run("pilot", pilot_path.is_file(),
                     lambda: atomic_write_json(pilot_path, _pilot(cfg, sweep_kw, work, features)))
         chosen = json.loads(pilot_path.read_text())["chosen"]

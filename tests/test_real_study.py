@@ -17,11 +17,13 @@ CONFIG = RECORD / "config.yaml"
 
 
 def test_study_config_overrides_parse_as_yaml():
-    cfg = load_study_config(CONFIG, ["sweep.seeds=[0,1,2,3,4]", "sweep.image_size=360", "new.key=x"])
+    cfg = load_study_config(CONFIG, ["sweep.seeds=[0,1,2,3,4]", "sweep.image_size=360", "sweep.optim.lr=0.001"])
     assert cfg["sweep"]["seeds"] == [0, 1, 2, 3, 4] and cfg["sweep"]["image_size"] == 360
-    assert cfg["new"]["key"] == "x" and cfg["prcc"]["image_size"] == 48
+    assert cfg["sweep"]["optim"] == {"lr": 0.001} and cfg["prcc"]["image_size"] == 48
     with pytest.raises(ValueError, match="section.key=value"):
         load_study_config(CONFIG, ["sweep.seeds"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['new'\]"):
+        load_study_config(CONFIG, ["new.key=x"])
 
 
 def test_study_skips_with_a_message_without_the_real_data(tmp_path):
