@@ -50,6 +50,7 @@ from .sources import Registry, build_registry
 from .splits import SplitMismatchError, load_split, make_split, save_split, split_indices
 
 ENCODER_FEATURES = ("precompute", "online")
+SAMPLERS = ("uniform", "balanced")
 
 
 @dataclass
@@ -93,7 +94,20 @@ class OptimConfig:
         "help": "before each validation, re-estimate BatchNorm statistics on up to this many UN-augmented "
                 "training images (0 = keep the running averages of augmented batches)"})
 
+    loss: str = field(default="ce", metadata={"help": "ce (cross-entropy) or focal (Lin et al. 2017: down-weights "
+                                                       "easy examples, for imbalanced classes)"})
+    focal_gamma: float = field(default=2.0, metadata={"help": "focusing exponent of the focal loss"})
+    sampler: str = field(default="uniform", metadata={
+        "help": "uniform: consecutive random permutations of the training images; balanced: each class drawn "
+                "equally often (with replacement)"})
+
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"optim.loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"optim.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.focal_gamma < 0:
+            raise ValueError(f"optim.focal_gamma must be >= 0, got {self.focal_gamma}")
         if not 0 <= float(self.warmup) < 1:
             raise ValueError(f"optim.warmup must be in [0, 1), got {self.warmup}")
         for name in ("epochs", "batch_size", "evals"):
@@ -239,11 +253,29 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batches(n: int, bs: int, steps: int, g: torch.Generator):
-    """`steps` batches of `bs` rows of range(n), drawn from consecutive random permutations."""
+def _batches(n: int, bs: int, steps: int, g: torch.Generator, labels: torch.Tensor | None = None):
+    """`steps` batches of `bs` rows of range(n): consecutive random permutations, or, given the rows'
+    `labels` (the balanced sampler), rows drawn with replacement so that every class is equally likely."""
     need = bs * steps
+    if labels is not None:
+        counts = torch.bincount(labels).double()
+        w = 1.0 / counts[labels]
+        return list(torch.multinomial(w, need, replacement=True, generator=g).view(steps, bs))
     perm = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
     return list(perm.view(steps, bs))
+
+
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None, gamma: float = 2.0,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017): per-sample cross-entropy scaled by (1 - p_true)^gamma, so that easy,
+    well-classified images count less; (B, C) logits, (B,) labels -> scalar. gamma = 0 is cross-entropy."""
+    ce = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing, reduction="none")
+    p_true = torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+    scaled = (1.0 - p_true).clamp(min=0).pow(gamma) * ce
+    return scaled.sum() / (weight[y].sum() if weight is not None else len(y))
+
+
+LOSSES = {"ce": None, "focal": focal_loss}  # None: F.cross_entropy, the default path
 
 
 class _Feeder:
@@ -251,10 +283,11 @@ class _Feeder:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, feats: dict[str, torch.Tensor],
                  aug: AugConfig | None, g: torch.Generator, loss_weight: torch.Tensor | None,
-                 label_smoothing: float) -> None:
+                 label_smoothing: float, focal_gamma: float | None = None) -> None:
         self.images, self.labels, self.feats = images, labels, feats
         self.aug, self.g = aug, g
         self.loss_weight, self.smoothing = loss_weight, label_smoothing
+        self.focal_gamma = focal_gamma  # None: cross-entropy
 
     def step(self, model: FusionModel, rows: torch.Tensor, device: torch.device):
         x = self.images[rows].to(device, non_blocking=True).float().div_(255)
@@ -264,7 +297,10 @@ class _Feeder:
         feats = {s: f[rows].to(device) for s, f in self.feats.items()}
         logits = model(x, feats or None)
         w = self.loss_weight.to(device) if self.loss_weight is not None else None
-        loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.smoothing)
+        if self.focal_gamma is None:
+            loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.smoothing)
+        else:
+            loss = focal_loss(logits.float(), y, weight=w, gamma=self.focal_gamma, label_smoothing=self.smoothing)
         acc = (logits.argmax(1) == y).float().mean().item()
         return loss, len(rows), {"acc": acc}
 
@@ -462,7 +498,8 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
     aug = AugConfig(scale=(cfg.augment.scale_min, 1.0), rotate=cfg.augment.rotate, color=cfg.augment.color) \
         if cfg.augment.enabled else None
-    feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing)
+    feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing,
+                     cfg.optim.focal_gamma if cfg.optim.loss == "focal" else None)
     bs, steps, epochs = plan_steps(len(train_rows), cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)
@@ -470,7 +507,8 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     train_t = torch.as_tensor(train_rows)
 
     def train_epoch(epoch: int) -> dict:
-        batches = [train_t[b] for b in _batches(len(train_rows), bs, steps, g)]
+        balanced = labels[train_t] if cfg.optim.sampler == "balanced" else None
+        batches = [train_t[b] for b in _batches(len(train_rows), bs, steps, g, balanced)]
         return train_one_epoch(model, batches, feeder.step, optimizer, device, amp=cfg.runtime.amp,
                                desc=f"epoch {epoch}", progress=False, scheduler=scheduler)
 
