@@ -113,7 +113,7 @@ class Summary:
     labels: list[str]
     modes: list[str]
     fractions: list[float]
-    # (fraction, label) -> {seed: row}
+    # (fraction, label) -> {(fold, seed): row}; fold -1 without k-fold
     cells: dict[tuple[float, str], dict[int, dict]]
     failed: list[dict]
     paired: list[dict]
@@ -127,7 +127,7 @@ def summarise(rows: list[dict]) -> Summary:
     labels, modes, fractions = _labels(ok or rows)
     cells: dict[tuple[float, str], dict[int, dict]] = defaultdict(dict)
     for r in ok:
-        cells[(float(r["fraction"]), arm_label(r, modes))][int(r["seed"])] = r
+        cells[(float(r["fraction"]), arm_label(r, modes))][(int(r.get("fold", -1)), int(r["seed"]))] = r
     # each arm against scratch and against its own random twin (same sources, same mode), by structure
     struct = {arm_label(r, modes): structure(r) for r in ok}
     twin_label = {}
@@ -262,7 +262,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
         shown = Path(run_dir)
     md = [f"# Fusion sweep report: `{shown}`", "",
           f"Arms: {', '.join(summary.labels)}. Fractions: {', '.join(fmt_pct(f) for f in summary.fractions)}. "
-          f"Seeds per cell: {', '.join(map(str, n_seeds))}. Metrics on the held-out test split, model chosen "
+          f"Runs per cell (seeds, times folds in k-fold mode): {', '.join(map(str, n_seeds))}. Metrics on the held-out test split, model chosen "
           f"on validation macro-F1.", ""]
     if max(n_seeds, default=0) < MIN_SEEDS_FOR_CI:
         md += [f"**Caution:** with fewer than {MIN_SEEDS_FOR_CI} seeds per cell the 95% intervals are very wide "

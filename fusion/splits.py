@@ -99,6 +99,25 @@ def _stratified(units: np.ndarray, y: np.ndarray, size: float, seed: int, what: 
                          f"({counts}): {e}. Use more images per class or a smaller/zero --{what}") from e
 
 
+def _units(data: WBCData) -> tuple[list[list[int]], np.ndarray, list[list[int]]]:
+    """Rows grouped into units (a group of byte-identical images moves as one), each unit's label, the groups."""
+    if len(data) == 0:
+        raise SplitError(f"no images in {data.root} to split")
+    groups = find_duplicates(data.hashes)
+    in_group = {i for g in groups for i in g}
+    units = sorted([g for g in groups] + [[i] for i in range(len(data)) if i not in in_group],
+                   key=lambda g: g[0])
+    return units, np.array([int(data.labels[g[0]]) for g in units]), groups
+
+
+def _check_shares(val: float, test: float) -> None:
+    for name, v in (("val", val), ("test", test)):
+        if not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise SplitError(f"{name} fraction must be in [0, 1), got {v!r}")
+    if val + test >= 1:
+        raise SplitError(f"val + test = {val + test} leaves no training images; keep their sum below 1")
+
+
 def make_split(data: WBCData, val: float = 0.15, test: float = 0.15,
                fractions: Iterable[float] = DEFAULT_FRACTIONS, seed: int = 0) -> dict:
     """One stratified train/val/test split of `data` plus nested label fractions of train.
@@ -107,26 +126,52 @@ def make_split(data: WBCData, val: float = 0.15, test: float = 0.15,
     scikit-learn's `train_test_split` on duplicate-group representatives (a group of byte-identical
     images moves as one). Returns the JSON-able dict described in the module docstring.
     """
-    for name, v in (("val", val), ("test", test)):
-        if not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise SplitError(f"{name} fraction must be in [0, 1), got {v!r}")
-    if val + test >= 1:
-        raise SplitError(f"val + test = {val + test} leaves no training images; keep their sum below 1")
+    _check_shares(val, test)
     keys = {fraction_key(f): float(f) for f in fractions}
-    if len(data) == 0:
-        raise SplitError(f"no images in {data.root} to split")
-    groups = find_duplicates(data.hashes)
-    in_group = {i for g in groups for i in g}
-    units = sorted([g for g in groups] + [[i] for i in range(len(data)) if i not in in_group],
-                   key=lambda g: g[0])
-    y = np.array([int(data.labels[g[0]]) for g in units])
-    idx = np.arange(len(units))
+    units, y, groups = _units(data)
     classes = tuple(data.classes)
-    rest, test_u = _stratified(idx, y, test, seed, "test", classes)
-    rest_val = val / (1 - test)
-    train_u, val_u = _stratified(rest, y[rest], rest_val, seed + 1, "val", classes)
-    rows = {p: sorted(i for u in us for i in units[u]) for p, us in zip(PARTS, (train_u, val_u, test_u),
-                                                                        strict=True)}
+    rest, test_u = _stratified(np.arange(len(units)), y, test, seed, "test", classes)
+    train_u, val_u = _stratified(rest, y[rest], val / (1 - test), seed + 1, "val", classes)
+    return _assemble(data, units, groups, (train_u, val_u, test_u), seed, val, test, keys.values())
+
+
+def make_kfold_splits(data: WBCData, k: int, val: float = 0.15, fractions: Iterable[float] = DEFAULT_FRACTIONS,
+                      seed: int = 0) -> list[dict]:
+    """Stratified k-fold cross-validation: k splits whose test parts are the k folds (each image in exactly
+    one), the rest of each split cut into train and a stratified `val` share of all images. Duplicate
+    groups are units, so no group is ever split across folds or parts.
+
+    Raises:
+        SplitError: k < 2, or k larger than the smallest class allows (the message gives the counts).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if not isinstance(k, int) or k < 2:
+        raise SplitError(f"folds must be an integer >= 2, got {k!r}")
+    _check_shares(val, 1.0 / k)
+    units, y, groups = _units(data)
+    classes = tuple(data.classes)
+    smallest = min(int((y == c).sum()) for c in range(len(classes)))
+    if k > smallest:
+        counts = ", ".join(f"{c} {int((y == i).sum())}" for i, c in enumerate(classes))
+        raise SplitError(f"{k} folds need at least {k} images (duplicate groups count once) of every class, but "
+                         f"the smallest class has {smallest} ({counts}); use folds <= {smallest}")
+    keys = {fraction_key(f): float(f) for f in fractions}
+    splits = []
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(units)), y)
+    for i, (rest, test_u) in enumerate(folds):
+        train_u, val_u = _stratified(rest, y[rest], val / (1 - 1.0 / k), seed + 1 + i, "val", classes)
+        split = _assemble(data, units, groups, (train_u, val_u, test_u), seed, val, 1.0 / k, keys.values())
+        split["fold"] = {"index": i, "of": k}
+        splits.append(split)
+    return splits
+
+
+def _assemble(data: WBCData, units, groups, parts_u, seed: int, val: float, test: float,
+              fractions: Iterable[float]) -> dict:
+    """The split dict (module docstring) from unit indices per part."""
+    classes = tuple(data.classes)
+    rows = {p: sorted(i for u in us for i in units[u]) for p, us in zip(PARTS, parts_u, strict=True)}
     labels = {data.ids[i]: classes[int(data.labels[i])] for i in range(len(data))}
     parts = {p: [data.ids[i] for i in r] for p, r in rows.items()}
     missing = [c for c, n in _counts(parts["train"], labels, classes).items() if n == 0 and c != "total"]
@@ -150,7 +195,7 @@ def make_split(data: WBCData, val: float = 0.15, test: float = 0.15,
         "counts": {p: _counts(ids, labels, classes) for p, ids in parts.items()},
         "dropped": data.dropped,
     }
-    for f in sorted(keys.values()):
+    for f in sorted(fractions):
         add_fraction(split, f)
     return split
 

@@ -33,7 +33,7 @@ from .data import WBCData, load_wbc
 from .encoders import FeatureCache
 from .models import FUSIONS
 from .sources import DEFAULT_ARMS, SourceError, config_key
-from .splits import fraction_key, load_split, split_indices
+from .splits import fraction_key, load_split, make_kfold_splits, save_split, split_indices
 from .sweep_probes import run_sweep_probes
 from .train import RunConfig, SettingsChangedError, plan_steps, prepare_split, settings_diff, train_run
 
@@ -66,6 +66,9 @@ class SweepConfig(RunConfig):
                                                             "CPU results depend on the thread count"})
     probes: list[str] = field(default_factory=lambda: ["linear", "knn"], metadata={
         "help": "frozen-feature probes per source and fraction (linear, knn); [] for none"})
+    folds: int = field(default=0, metadata={
+        "help": "stratified k-fold cross-validation: k splits whose test parts are the k folds (duplicate groups "
+                "never split), every run repeated per fold; 0 = one split"})
     rerun_changed: bool = field(default=False, metadata={
         "help": "train again the finished runs whose recorded settings differ from the requested ones "
                 "(default: list them and stop)"})
@@ -107,29 +110,34 @@ class SweepContext:
 
     data: WBCData
     split: dict
+    splits: dict[str, dict] = field(default_factory=dict)  # split file -> split, one per fold (k-fold mode)
     features: FeatureCache = field(default_factory=FeatureCache)
 
 
-def run_name(fraction: float, arm: str, mode: str, seed: int) -> str:
-    return f"f{fraction_key(fraction)}_{arm}" + ("" if arm == "scratch" else f"_{mode}") + f"_s{seed}"
+def run_name(fraction: float, arm: str, mode: str, seed: int, fold: int | None = None) -> str:
+    return (f"f{fraction_key(fraction)}_{arm}" + ("" if arm == "scratch" else f"_{mode}") + f"_s{seed}"
+            + ("" if fold is None else f"_k{fold}"))
 
 
 def run_specs(cfg: SweepConfig) -> list[RunConfig]:
-    """The deterministic run list: fraction, then seed, then arm, then mode (scratch once per seed)."""
+    """The deterministic run list: (fold,) fraction, then seed, then arm, then mode (scratch once per seed)."""
     base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
-    base.update({k: dataclasses.replace(getattr(cfg, k)) for k in ("model", "optim", "augment")})  # copies
     specs = []
-    for fraction in cfg.fractions:
-        for seed in cfg.seeds:
-            for arm in cfg.arms:
-                for mode in (cfg.modes[:1] if arm == "scratch" else cfg.modes):
-                    name = run_name(fraction, arm, mode, seed)
-                    twin = Path(cfg.val_runs) / name if cfg.val_runs else None
-                    specs.append(RunConfig(**{**base, "fraction": float(fraction), "arm": arm, "mode": mode,
-                                              "seed": int(seed), "out": str(Path(cfg.out) / "runs" / name),
-                                              "overwrite": False,
-                                              "runtime": dataclasses.replace(cfg.runtime, progress=cfg.progress_runs),
-                                              "val_run": str(twin) if twin and twin.is_dir() else ""}))
+    for fold in (range(cfg.folds) if cfg.folds else [None]):
+        if fold is not None:
+            base["split"] = str(fold_path(cfg.out, fold))
+        for fraction in cfg.fractions:
+            for seed in cfg.seeds:
+                for arm in cfg.arms:
+                    for mode in (cfg.modes[:1] if arm == "scratch" else cfg.modes):
+                        name = run_name(fraction, arm, mode, seed, fold)
+                        twin = Path(cfg.val_runs) / name if cfg.val_runs else None
+                        specs.append(RunConfig(**{
+                            **base, "fraction": float(fraction), "arm": arm, "mode": mode, "seed": int(seed),
+                            "out": str(Path(cfg.out) / "runs" / name), "overwrite": False,
+                            **{k: dataclasses.replace(getattr(cfg, k)) for k in ("model", "optim", "augment")},
+                            "runtime": dataclasses.replace(cfg.runtime, progress=cfg.progress_runs),
+                            "val_run": str(twin) if twin and twin.is_dir() else ""}))
     return specs
 
 
@@ -137,27 +145,28 @@ def run_one(spec: RunConfig, ctx: SweepContext | None = None) -> dict:
     """Train (or, when finished before, read back) one run; the seam a distributed engine would map."""
     if ctx is None:
         return train_run(spec)
-    return train_run(spec, data=ctx.data, split=ctx.split, features=ctx.features)
+    return train_run(spec, data=ctx.data, split=ctx.splits.get(spec.split, ctx.split), features=ctx.features)
 
 
 _WORKER_CTX: SweepContext | None = None  # set in each worker process by _init_worker
 
 
-def _init_worker(cfg: SweepConfig, split_path: str) -> None:
+def _init_worker(cfg: SweepConfig, split_paths: list[str]) -> None:
     """Worker process start: fix its thread count, load the images (from the cache) and the saved split once."""
     import torch
 
     global _WORKER_CTX
     torch.set_num_threads(cfg.worker_threads)
     data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=False, classes=cfg.classes)
-    _WORKER_CTX = SweepContext(data, load_split(split_path))
+    splits = {p: load_split(p) for p in split_paths}
+    _WORKER_CTX = SweepContext(data, next(iter(splits.values())), splits=splits)
 
 
 def _run_in_worker(spec: RunConfig) -> dict:
     return run_one(spec, _WORKER_CTX)
 
 
-def _results(todo: list[RunConfig], cfg: SweepConfig, ctx: SweepContext, split_path: Path):
+def _results(todo: list[RunConfig], cfg: SweepConfig, ctx: SweepContext, split_paths: list[str]):
     """Yield each todo run's result: in order in this process, or as they finish across `cfg.workers`
     processes (spawned, so a CUDA context or threads of this process are never forked)."""
     if cfg.workers == 1:
@@ -168,18 +177,19 @@ def _results(todo: list[RunConfig], cfg: SweepConfig, ctx: SweepContext, split_p
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(cfg, str(split_path))) as pool:
+                             initargs=(cfg, split_paths)) as pool:
         for fut in as_completed([pool.submit(_run_in_worker, spec) for spec in todo]):
             yield fut.result()
 
 
-def planned_work(todo: list[RunConfig], split: dict, data: WBCData) -> dict[str, int]:
+def planned_work(todo: list[RunConfig], split: dict, data: WBCData, splits: dict | None = None) -> dict[str, int]:
     """Run name -> training images it will process (batch size x steps; 0 for a run tested from the
     pilot's weights). The ETA weighs runs by it: a 1,500-step run counts for about twice an 800-step one."""
-    n_train = {f: len(split_indices(split, data, "train", f)) for f in {s.fraction for s in todo}}
+    n_train = {(s.split, s.fraction): len(split_indices((splits or {}).get(s.split, split), data, "train", s.fraction))
+               for s in todo}
     work = {}
     for spec in todo:
-        bs, steps, evals = plan_steps(n_train[spec.fraction], spec)
+        bs, steps, evals = plan_steps(n_train[(spec.split, spec.fraction)], spec)
         work[Path(spec.out).name] = 0 if spec.val_run else bs * steps * evals
     return work
 
@@ -221,6 +231,23 @@ def _refuse_changed(out: Path, changed: dict[str, list[str]], n_finished: int) -
         f"{len(changed)} of {n_finished} finished runs in {out} were made with other settings than requested "
         f"(fields {', '.join(fields)}; e.g. {Path(first).name}: {'; '.join(diffs[:3])}); give --rerun-changed "
         f"true to train those runs again with the new settings, or use another --out")
+
+
+def fold_path(out: str | Path, fold: int) -> Path:
+    return Path(out) / f"split_fold{fold}.json"
+
+
+def _fold_splits(cfg: SweepConfig, data: WBCData, out: Path) -> dict[str, dict]:
+    """k-fold mode: {split file: split} for the k folds, made once (`make_kfold_splits`) and then reused."""
+    if not cfg.folds:
+        return {}
+    paths = [fold_path(out, i) for i in range(cfg.folds)]
+    if all(p.is_file() for p in paths):
+        return {str(p): load_split(p) for p in paths}
+    made = make_kfold_splits(data, cfg.folds, val=cfg.val, fractions=cfg.fractions, seed=cfg.split_seed)
+    for p, sp in zip(paths, made, strict=True):
+        save_split(sp, p)
+    return {str(p): sp for p, sp in zip(paths, made, strict=True)}
 
 
 def _load(cfg: SweepConfig, out: Path) -> tuple[WBCData, dict]:
@@ -272,19 +299,21 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
     print(f"sweep {out}: {len(specs)} runs, {n_done} already finished, {len(todo)} to go")
     features = features if features is not None else FeatureCache()
     if not todo:
-        run_sweep_probes(cfg, out, features, lambda: _load(cfg, out))
+        if not cfg.folds:
+            run_sweep_probes(cfg, out, features, lambda: _load(cfg, out))
         return results_path
 
     t0 = time.perf_counter()
     data, split = _load(cfg, out)
-    split_path = Path(cfg.split) if cfg.split else out / "split.json"
-    ctx = SweepContext(data, split, features)
+    splits = _fold_splits(cfg, data, out)
+    ctx = SweepContext(data, split, splits=splits, features=features)
+    split_paths = list(splits) or [str(Path(cfg.split) if cfg.split else out / "split.json")]
     print(f"data: {len(data)} images at {cfg.image_size}px from {data.root} ({time.perf_counter() - t0:.1f} s)")
     bar = tqdm(total=len(specs), initial=n_done, desc="runs", unit="run", disable=not cfg.runtime.progress,
                dynamic_ncols=True)
-    work = planned_work(todo, split, data)
+    work = planned_work(todo, split, data, splits)
     done_work, t_runs = 0, time.perf_counter()
-    for i, r in enumerate(_results(todo, cfg, ctx, split_path)):
+    for i, r in enumerate(_results(todo, cfg, ctx, split_paths)):
         append_jsonl(results_path, {**r, "run_dir": str(Path("runs") / r["run"])})
         left = len(todo) - i - 1
         done_work += work.get(r["run"], 0)
@@ -298,6 +327,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
         if not cfg.runtime.progress:
             print(f"[{n_done + i + 1}/{len(specs)}] {msg} | {left} left, ETA {eta / 60:.1f} min", flush=True)
     bar.close()
-    run_sweep_probes(cfg, out, ctx.features, lambda: (data, split))
+    if not cfg.folds:  # probes run on the one split; in k-fold mode they are left out
+        run_sweep_probes(cfg, out, ctx.features, lambda: (data, split))
     print(f"sweep finished in {(time.perf_counter() - t0) / 60:.1f} min: {results_path}")
     return results_path

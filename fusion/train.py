@@ -521,6 +521,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
 
     arm = cfg.registry().arm(cfg.arm)
     base = {"run": run_dir.name, "arm": cfg.arm, "sources": list(arm.sources), "twin_of": arm.twin_of,
+            **({"fold": int(split["fold"]["index"])} if "fold" in split else {}),
             "mode": cfg.mode, "fraction": float(cfg.fraction),
             "seed": int(cfg.seed), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
             "n_test": int(len(test_rows)), "trainable_params": count_parameters(model, trainable_only=True),

@@ -149,6 +149,8 @@ CASES = {
     "sweep-unknown-mode": Case("sweep", lambda f, t: ["--modes", "attention"], "attention"),
     "sweep-fraction-above-1": Case("sweep", lambda f, t: ["--fractions", "1.5"], "1.5"),
     "sweep-workers-0": Case("sweep", lambda f, t: ["--workers", "0"], "workers"),
+    "sweep-folds-beyond-smallest-class": Case("sweep", lambda f, t: [*_sweep_args(f, t), "--folds", "50"],
+                                              "use folds <="),
     "sweep-missing-checkpoint": Case("sweep", lambda f, t: [
         *_sweep_args(f, t), "--arms", "cam16", "--cam16-checkpoint", str(t / "none.pt")], "none.pt"),
     "sweep-missing-data": Case("sweep", lambda f, t: [*_sweep_args(f, t), "--data", str(t / "nodata")], "nodata"),
