@@ -203,9 +203,24 @@ def predict(argv: list[str] | None = None) -> Path:
     return predict_images(cfg)
 
 
+def eda(argv: list[str] | None = None) -> Path:
+    """Exploratory report of a WBC data set: one markdown page with class counts, montages, mean images,
+    colour histograms, original image sizes, duplicate groups, and PCA / t-SNE of raw pixels and of each
+    frozen source's features (sources from --prcc-checkpoint / --cam16-checkpoint or `sources:` in YAML).
+
+        python scripts/eda.py --data ../shared/data/pbc-wbc --out runs/eda_pbc [--config FILE.yaml]
+    """
+    from .eda import EDAConfig, run_eda
+
+    cfg, _ = parse_config(EDAConfig, argv, description=eda.__doc__)
+    path = run_eda(cfg)
+    print(f"wrote {path}")
+    return path
+
+
 COMMANDS: dict[str, Callable] = {f.__name__: f for f in (
     pretrain_prcc, pretrain_cam16, extract_patches, make_demo_data, make_split, train_fusion, sweep, report,
-    extract_features, evaluate, predict, study)}
+    extract_features, evaluate, predict, eda, study)}
 
 
 def console() -> None:

@@ -254,6 +254,8 @@ CASES = {
     "demo-out-under-a-file": Case("make_demo_data", lambda f, t: ["--out", str(_garbage(t / "file") / "demo"),
                                                                   "--small", "true"], "file"),
     "demo-yaml-small-quoted": Case("make_demo_data", lambda f, t: ["--config", _yaml(t, 'small: "yes"\n')], "small"),
+    "eda-missing-data": Case("eda", lambda f, t: ["--data", str(t / "nocells"), "--out", str(t / "eda")], "nocells"),
+    "eda-perplexity-0": Case("eda", lambda f, t: ["--data", str(f["wbc"]), "--perplexity", "0"], "perplexity"),
     # --- the whole study -------------------------------------------------------------------------------
     "study-config-missing": Case("study", lambda f, t: ["--config", str(t / "nostudy.yaml")], "nostudy.yaml"),
     "study-without-record": Case("study", lambda f, t: ["--config", _yaml(t, f"shared: {t}\nwork: {t / 'w'}\n")],
