@@ -48,6 +48,9 @@ from pretrain.images import (
 )
 from pretrain.utils import atomic_path
 
+from .preprocess import apply as apply_preprocess
+from .preprocess import check_ops
+
 CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
 # MedMNIST `INFO["bloodmnist"]["label"]`, in label order; three are not white cells of our five.
@@ -128,17 +131,20 @@ def square_resize(im: Image.Image | np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), _RESAMPLE, box=(left, top, left + s, top + s)))
 
 
-def decode_bytes(data: bytes, size: int, source: str = "image", min_size: int = 0) -> np.ndarray:
+def decode_bytes(data: bytes, size: int, source: str = "image", min_size: int = 0,
+                 preprocess: Sequence[str] = ()) -> np.ndarray:
     """Decode encoded image bytes -> (size, size, 3) uint8 (see module docstring for the resize).
 
     Raises:
         BadImageError: truncated, corrupt, not an image or refused (see `pretrain.images`); one line
             naming `source`. `SmallImageError` (a BadImageError) when the shorter side < `min_size`.
     """
-    return square_resize(decode_rgb(data, source, draft=size, min_size=min_size), size)
+    img = decode_rgb(data, source, draft=size, min_size=min_size)
+    return square_resize(apply_preprocess(img, preprocess) if preprocess else img, size)
 
 
-def _decode_one(path: Path, size: int, min_size: int) -> tuple[np.ndarray | None, str, BadImageError | None]:
+def _decode_one(path: Path, size: int, min_size: int, preprocess: Sequence[str] = ()
+                ) -> tuple[np.ndarray | None, str, BadImageError | None]:
     """Read and decode one file -> (image or None, sha1 of the bytes, the refusal or None).
 
     Returns the error instead of raising so that worker threads hand each file's reason back.
@@ -149,17 +155,18 @@ def _decode_one(path: Path, size: int, min_size: int) -> tuple[np.ndarray | None
         return None, "", BadImageError(f"{path}: cannot read file", f"cannot read file ({type(e).__name__}: {e})")
     digest = hashlib.sha1(data).hexdigest()
     try:
-        return decode_bytes(data, size, source=str(path), min_size=min_size), digest, None
+        return decode_bytes(data, size, source=str(path), min_size=min_size, preprocess=preprocess), digest, None
     except BadImageError as e:
         return None, digest, e
 
 
-def decode_file(path: Path, size: int, min_size: int = 0) -> tuple[np.ndarray | None, str, str]:
+def decode_file(path: Path, size: int, min_size: int = 0, preprocess: Sequence[str] = ()
+                ) -> tuple[np.ndarray | None, str, str]:
     """Read and decode one file -> (image (size, size, 3) uint8 or None, sha1 of the bytes, reason or "").
 
     `min_size` (px, default 0: any size) refuses smaller images with a reason; `load_wbc` uses 16.
     """
-    arr, digest, err = _decode_one(path, size, min_size)
+    arr, digest, err = _decode_one(path, size, min_size, preprocess)
     return arr, digest, err.reason if err is not None else ""
 
 
@@ -304,14 +311,14 @@ def _write_cache(path: Path, d: dict) -> None:
 
 
 def _decode_folder(root: Path, folders, size: int, workers: int | None, progress: bool,
-                   min_size: int = MIN_WBC_SIDE) -> dict:
+                   min_size: int = MIN_WBC_SIDE, preprocess: Sequence[str] = ()) -> dict:
     paths, labels = [], []
     for label, _, files in folders:
         paths += files
         labels += [label] * len(files)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        results = list(tqdm(pool.map(lambda p: _decode_one(p, size, min_size), paths), total=len(paths),
+        results = list(tqdm(pool.map(lambda p: _decode_one(p, size, min_size, preprocess), paths), total=len(paths),
                             desc=f"decode {root.name} @{size}px", unit="img", disable=not progress,
                             dynamic_ncols=True))
     images, keep_labels, ids, hashes, bad, small = [], [], [], [], [], []
@@ -370,7 +377,7 @@ def _npz_images(path: Path, part: str, x: np.ndarray, n_labels: int, min_size: i
 
 
 def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_SIDE,
-                classes: dict | str = "auto") -> dict:
+                classes: dict | str = "auto", preprocess: Sequence[str] = ()) -> dict:
     """MedMNIST BloodMNIST: by default keep the five white-cell classes and drop (and count) the other
     three; `classes="all"` keeps all eight (see `_npz_classes`)."""
     names, to_ours = _npz_classes(classes)
@@ -399,6 +406,7 @@ def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_S
                     dropped_counts[BLOODMNIST_CLASSES[lab]] += 1
                     continue
                 a = array_to_rgb(x[i], f"{path}:{part}_images[{i}]", scale)
+                a = apply_preprocess(a, preprocess) if preprocess else a
                 hashes.append(hashlib.sha1(a.tobytes()).hexdigest())
                 images.append(a if a.shape[:2] == (size, size) else square_resize(Image.fromarray(a), size))
                 labels.append(to_ours[lab])
@@ -411,7 +419,7 @@ def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_S
 
 def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None = "data/cache",
              workers: int | None = None, progress: bool = True, min_size: int = MIN_WBC_SIDE,
-             classes: ClassSpec = None) -> WBCData:
+             classes: ClassSpec = None, preprocess: Sequence[str] = ()) -> WBCData:
     """Load a WBC set from class folders or a BloodMNIST `.npz`, resized to `image_size` pixels.
 
     Args:
@@ -437,6 +445,8 @@ def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathL
         raise ValueError(f"min_size must be a non-negative integer number of pixels, got {min_size!r}")
     min_size = int(min_size)
     spec = class_spec(classes)
+    preprocess = check_ops(preprocess)
+    key_spec = spec if not preprocess else {"classes": spec, "preprocess": list(preprocess)}
     src = Path(path).expanduser().resolve()
     if src.is_file() and src.suffix.lower() == ".npz":
         kind, items, folders = "npz", [(src.name, src.stat())], None
@@ -449,13 +459,13 @@ def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathL
         items = [(p.relative_to(src).as_posix(), p.stat()) for _, _, files in folders for p in files]
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"wbc_{_fingerprint(items, kind, image_size, min_size, spec)}_{image_size}.npz"
+        cache = Path(cache_dir) / f"wbc_{_fingerprint(items, kind, image_size, min_size, key_spec)}_{image_size}.npz"
     d = _read_cache(cache, image_size) if cache is not None and cache.is_file() else None
     if d is None:
         if kind == "npz":
-            d = _decode_npz(src, image_size, progress, min_size, spec)
+            d = _decode_npz(src, image_size, progress, min_size, spec, preprocess)
         else:
-            d = {**_decode_folder(src, folders, image_size, workers, progress, min_size), "classes": names}
+            d = {**_decode_folder(src, folders, image_size, workers, progress, min_size, preprocess), "classes": names}
         if cache is not None:
             try:
                 _write_cache(cache, d)

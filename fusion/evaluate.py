@@ -108,7 +108,8 @@ def load_classifier(path: str | os.PathLike, device: torch.device) -> tuple[torc
                 for a in [alts] if isinstance(alts, str) else alts or ():
                     aliases.setdefault(str(a).strip().lower(), classes.index(str(name)))
     info = {"checkpoint": str(path), "sha256": sha256_file(path), "classes": list(classes),
-            "image_size": int(ckpt["input"]["size"]), "arm": cfg.get("arm", ""), "aliases": aliases}
+            "image_size": int(ckpt["input"]["size"]), "arm": cfg.get("arm", ""), "aliases": aliases,
+            "preprocess": list((ckpt.get("train") or {}).get("preprocess") or [])}  # as in training
     return model.to(device).eval(), info
 
 
@@ -173,7 +174,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     _require(cfg.data, "--data")
     device = get_device(cfg.device)
     model, info = load_classifier(cfg.checkpoint, device)
-    data = load_wbc(cfg.data, info["image_size"], cache_dir=None, progress=cfg.progress)
+    data = load_wbc(cfg.data, info["image_size"], cache_dir=None, progress=cfg.progress,
+                    preprocess=info["preprocess"])
     classes = info["classes"]
     index = match_classes(list(data.classes), classes, info["aliases"], data.root, info["checkpoint"])
     counts = data.class_counts()
@@ -247,7 +249,7 @@ def predict_images(cfg: PredictConfig) -> Path:
     files = [root] if root.is_file() else find_images(root)
     size = info["image_size"]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = list(pool.map(lambda p: decode_file(p, size, MIN_WBC_SIDE), files))
+        decoded = list(pool.map(lambda p: decode_file(p, size, MIN_WBC_SIDE, info["preprocess"]), files))
     good = [(p, im) for p, (im, _, _) in zip(files, decoded, strict=True) if im is not None]
     for p, (im, _, reason) in zip(files, decoded, strict=True):
         if im is None:

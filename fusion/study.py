@@ -187,7 +187,7 @@ def _pilot(cfg: dict, sweep_kw: dict, work: Path, features: FeatureCache) -> dic
     base = {k: v for k, v in sweep_kw.items() if k in RunConfig.__dataclass_fields__}
     base["runtime"] = {**base.get("runtime", {}), "eval_test": False, "progress": False, "curves": False}
     data = load_wbc(base["data"], base.get("image_size", 48), base.get("cache_dir") or None, progress=False,
-                    classes=base.get("classes"))
+                    classes=base.get("classes"), preprocess=base.get("preprocess") or ())
     split = load_split(base["split"])
     scores: dict[str, list[dict]] = {m: [] for m in modes}
     for mode in modes:

@@ -157,7 +157,8 @@ def _init_worker(cfg: SweepConfig, split_paths: list[str]) -> None:
 
     global _WORKER_CTX
     torch.set_num_threads(cfg.worker_threads)
-    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=False, classes=cfg.classes)
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=False, classes=cfg.classes,
+                    preprocess=cfg.preprocess)
     splits = {p: load_split(p) for p in split_paths}
     _WORKER_CTX = SweepContext(data, next(iter(splits.values())), splits=splits)
 
@@ -252,7 +253,8 @@ def _fold_splits(cfg: SweepConfig, data: WBCData, out: Path) -> dict[str, dict]:
 
 def _load(cfg: SweepConfig, out: Path) -> tuple[WBCData, dict]:
     """The sweep's images (from the decode-once cache) and its split (made once, then reused)."""
-    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.runtime.progress, classes=cfg.classes)
+    data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.runtime.progress, classes=cfg.classes,
+                    preprocess=cfg.preprocess)
     return data, prepare_split(cfg, data, Path(cfg.split) if cfg.split else out / "split.json", cfg.fractions)
 
 

@@ -46,6 +46,7 @@ from .data import WBCData, load_wbc
 from .encoders import FeatureCache, fusion_sources_config, images_key, images_to_tensor, load_arm_encoders
 from .metrics import classification_metrics
 from .models import CNNConfig, FusionModel, SmallCNN, check_mode
+from .preprocess import check_ops
 from .sources import Registry, build_registry
 from .splits import SplitMismatchError, load_split, make_split, save_split, split_indices
 
@@ -150,6 +151,9 @@ class RunConfig:
 
     data: str = field(default="data/demo/wbc", metadata={"help": "WBC folder of class folders or bloodmnist*.npz"})
     classes: list[str] | dict | str = field(default_factory=list, metadata={"help": "class set: the folder names by default (the five WBC classes in their usual order); a list, or name -> aliases in YAML ({neutrophil: [SNE, BNE]}); 'all' keeps BloodMNIST's 8 classes"})
+    preprocess: list[str] = field(default_factory=list, metadata={
+        "help": "steps applied once to every original image in the decode-once cache, in order: crop_border, "
+                "equalize, clahe (fusion/preprocess.py); evaluate/predict repeat them"})
     split: str = field(default="", metadata={"help": "split JSON; made once (and saved) if missing; "
                                                      "'' = <out>/split.json"})
     val: float = field(default=0.15, metadata={"help": "val share of all images when the split is made"})
@@ -184,6 +188,7 @@ class RunConfig:
         check_mode(self.mode)
         if not 0 < float(self.fraction) <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        check_ops(self.preprocess)
         if int(self.image_size) < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         for name, section in (("model", ModelConfig), ("optim", OptimConfig), ("augment", AugmentConfig),
@@ -462,6 +467,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     device = get_device(cfg.runtime.device)
     if data is None:
         data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.runtime.progress,
+                        preprocess=cfg.preprocess,
                         classes=cfg.classes)
     if data.image_size != cfg.image_size:
         raise ValueError(f"data {data.root} was loaded at {data.image_size}px but the run asks for "
