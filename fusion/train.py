@@ -411,8 +411,29 @@ def settings_diff(cfg: RunConfig, run_dir: str | os.PathLike) -> list[str]:
     old, new = flat(old), flat(to_plain(cfg))
     defaults = flat(to_plain(type(cfg)()))  # a field added since the run was made counts as its default
     keys = sorted((set(old) | set(new)) - set(RESULT_FREE))
-    return [f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k)!r}" for k in keys
+    diff = [f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k)!r}" for k in keys
             if old.get(k, defaults.get(k)) != new.get(k)]
+    return diff + _changed_sources(cfg, Path(run_dir))
+
+
+def _changed_sources(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """Encoder files that changed since the run was trained (same path, other weights, e.g. a retrained
+    encoder): the run's best.pt records each source's sha256. Runs without sources, or from before
+    sources were recorded, have nothing to compare."""
+    from .sources import file_sha256
+
+    if not cfg.registry().arm(cfg.arm).sources or not (run_dir / "best.pt").is_file():
+        return []
+    try:
+        recorded = load_checkpoint(run_dir / "best.pt", kind="wbc_fusion")["config"].get("sources") or {}
+    except (ValueError, OSError):
+        return ["best.pt unreadable"]
+    reg, out = cfg.registry(), []
+    for name, spec in recorded.items():
+        path = reg.sources[name].path if name in reg.sources else ""
+        if spec.get("sha256") and path and Path(path).is_file() and file_sha256(path) != spec["sha256"]:
+            out.append(f"source {name}: {path} changed since the run was trained")
+    return out
 
 
 def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:

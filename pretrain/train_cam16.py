@@ -164,7 +164,34 @@ def _subsample_per_slide(slide_ids: np.ndarray, k: int, seed: int) -> np.ndarray
     return np.sort(np.concatenate(keep))
 
 
+def _h5_fingerprint(path: Path, content: bool) -> str:
+    """An HDF5 patch store's datasets (names, shapes, dtypes and, under 1 GB, their bytes), not the file's
+    bytes: a store extracted again from the same slides is the same data, though its file holds a new
+    creation time and timings."""
+    import hashlib
+
+    import h5py
+
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in sorted(names):
+            d = f[name]
+            h.update(f"{name}:{d.shape}:{d.dtype}".encode())
+            if content:
+                step = max(1, (64 << 20) // max(1, d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64))))
+                for i in range(0, d.shape[0] if d.shape else 1, step):
+                    block = np.asarray(d[i:i + step] if d.shape else d[()])
+                    if block.dtype == object:  # variable-length strings: their values, not object pointers
+                        block = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in block.ravel()])
+                    h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _data_fingerprint(path: Path) -> str:
+    if path.is_file() and path.suffix.lower() in (".h5", ".hdf5"):
+        return _h5_fingerprint(path, content=path.stat().st_size < (1 << 30))
     if path.is_file():
         return fingerprint_files([path], content=path.stat().st_size < (1 << 30))
     files = [p for p in path.rglob("*") if p.is_file()]

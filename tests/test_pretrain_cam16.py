@@ -152,3 +152,20 @@ def test_real_patches_split_by_slide(tmp_path, shared_data):
         m = fit_cam16(cfg, dataset=ds)
     assert m["split"]["test"]["slides"] == ["tumor_073"] and not m["split_leaks"]
     assert m["test"]["n"] == 32 and 0.0 <= m["test"]["accuracy"] <= 1.0 and m["test"]["auc"] is not None
+
+
+def test_data_fingerprint_of_a_store_is_its_content_not_its_file(tmp_path):
+    """A store extracted again from the same slides (new creation time, timings) is the same data, so a
+    finished or killed pretraining run on it is reused or resumed instead of refused (`make demo` twice)."""
+    import h5py
+
+    from pretrain.train_cam16 import _data_fingerprint
+
+    a, b = write_patch_store(tmp_path / "a.h5"), write_patch_store(tmp_path / "b.h5")
+    for p, when in ((a, "2026-12-01T10:00"), (b, "2026-12-01T11:00")):
+        with h5py.File(p, "a") as f:
+            f.attrs["created"] = when
+    assert a.read_bytes() != b.read_bytes() and _data_fingerprint(a) == _data_fingerprint(b)
+    with h5py.File(b, "a") as f:
+        f["labels"][0] = 1 - f["labels"][0]
+    assert _data_fingerprint(a) != _data_fingerprint(b)

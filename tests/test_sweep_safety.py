@@ -163,3 +163,20 @@ def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_sweep(file
     assert _strip(read_jsonl(results)) == expected
     left = [p for p in (tmp_path / "killed").rglob("*") if p.name.endswith(".tmp") or p.name == LOCK]
     assert left == []
+
+
+def test_a_retrained_encoder_at_the_same_path_is_not_reused_silently(env, tmp_path):
+    import shutil
+
+    ck = tmp_path / "prcc.pt"
+    shutil.copy(env["ckpt"]["prcc"], ck)
+    out = tmp_path / "s"
+    run_sweep(_cfg(env, out, arms=["prcc"], twins=False, seeds=[0], prcc_checkpoint=str(ck)))
+    other = tiny_checkpoints(tmp_path / "other", size=16)["prcc"]  # same architecture, other weights
+    import torch
+
+    state = torch.load(other, weights_only=True)
+    state["model"] = {k: v + 1 for k, v in state["model"].items()}
+    torch.save(state, ck)
+    with pytest.raises(SettingsChangedError, match="source prcc: .*prcc.pt changed since the run was trained"):
+        run_sweep(_cfg(env, out, arms=["prcc"], twins=False, seeds=[0], prcc_checkpoint=str(ck)))
