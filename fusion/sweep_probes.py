@@ -62,10 +62,14 @@ def run_sweep_probes(cfg, out: Path, features: FeatureCache, load: Callable[[], 
     labels = np.asarray(data.labels)
     rows = {p: split_indices(split, data, p) for p in ("val", "test")}
     t0 = time.perf_counter()
+    loaded: dict[tuple, dict] = {}  # one encoder load and feature lookup per target, not per fraction
     for (source, twin, seed), f in todo:
-        enc = load_source(reg.sources[source], random_init=twin, seed=twin_seed(source, seed) if twin else None)
-        feats = features.get({source: enc}, images, key, device, seed=seed, batch_size=cfg.runtime.eval_batch_size,
-                             encoder_resize=cfg.model.encoder_resize)
+        if (source, twin, seed) not in loaded:
+            enc = load_source(reg.sources[source], random_init=twin, seed=twin_seed(source, seed) if twin else None)
+            loaded[(source, twin, seed)] = features.get({source: enc}, images, key, device, seed=seed,
+                                                        batch_size=cfg.runtime.eval_batch_size,
+                                                        encoder_resize=cfg.model.encoder_resize)
+        feats = loaded[(source, twin, seed)]
         part = {**rows, "train": split_indices(split, data, "train", f)}
         try:
             with torch.inference_mode():
