@@ -23,7 +23,7 @@ from torch import nn
 from pretrain.checkpoint import CheckpointError, register_kind
 from pretrain.utils import eval_batches
 
-from .models import CNNConfig, FusionModel, SmallCNN, resize_for_encoder
+from .models import FusionModel, classifier_from_config, resize_for_encoder
 from .sources import Registry, SourceSpec, build_registry, load_source, twin_seed
 
 
@@ -155,6 +155,6 @@ def build_fusion_model(config: dict) -> FusionModel:
     sources recorded at training time (checked by sha256; a random twin gets the same seeded weights)."""
     reg, arm = _recorded_registry(config)
     encoders = load_arm_encoders(arm, reg, int(config.get("seed", 0)))
-    cnn = SmallCNN(CNNConfig(**config["cnn"]))
+    cnn = classifier_from_config(config.get("classifier", "small_cnn"), config["cnn"])
     return FusionModel(cnn, encoders, config["mode"], int(config["num_classes"]),
                        bool(config.get("encoder_resize", True)), float(config.get("dropout", 0.2)))

@@ -249,3 +249,111 @@ def resize_for_encoder(enc: nn.Module, x: torch.Tensor, allow: bool = True, name
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
+
+
+@dataclass
+class BackboneConfig:
+    """A standard architecture trained as the WBC classifier (`BackboneClassifier`).
+
+    Attributes:
+        model: `<library>:<model>`, e.g. "torchvision:resnet18".
+        num_classes, dropout, input_size: as in `CNNConfig`.
+        weights: local file the backbone was initialised from ("" = the library's random init); a record
+            only: the trained weights live in the checkpoint.
+        freeze: only the head trains; the backbone stays in eval mode (its BatchNorm statistics kept).
+        mean, std: normalisation inside `forward_features`; None = the model's pretrained preset (filled in
+            when the model is built, so the checkpoint records the values).
+    """
+
+    model: str
+    num_classes: int = 5
+    dropout: float = 0.2
+    input_size: int = 64
+    weights: str = ""
+    freeze: bool = False
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+class BackboneClassifier(nn.Module):
+    """timm/torchvision backbone (pooled features) -> dropout -> linear, with SmallCNN's interface.
+
+    Built with the library's own initialisation (never downloaded); `load_backbone_weights` starts it
+    from a local file. Raises ValueError when `input_size` is below the architecture's minimum.
+    """
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        from pretrain.backbones import _size_limits, build_backbone, input_config, parse_model_name
+
+        self.cfg = cfg
+        library, name = parse_model_name(cfg.model)
+        self.backbone = build_backbone(cfg.model)
+        if cfg.mean is None or cfg.std is None:
+            preset = input_config(self.backbone, library, name)
+            cfg.mean, cfg.std = list(preset["mean"]), list(preset["std"])
+        low, fixed = _size_limits(self.backbone, library, name)
+        if fixed and cfg.input_size != fixed:
+            raise ValueError(f"{cfg.model} takes only {fixed}x{fixed} images, but image_size is {cfg.input_size}; "
+                             f"set image_size: {fixed}")
+        if cfg.input_size < low:
+            raise ValueError(f"{cfg.model} needs images of at least {low}x{low} pixels, but image_size is "
+                             f"{cfg.input_size}; set image_size: {low} or more, or pick another architecture")
+        self.backbone.to(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            was = self.backbone.training
+            self.backbone.eval()
+            self.out_dim = int(self.backbone(torch.zeros(1, 3, cfg.input_size, cfg.input_size)).shape[1])
+            self.backbone.train(was)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(self.out_dim, cfg.num_classes)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("mean", torch.tensor(list(cfg.mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(cfg.std), dtype=torch.float32).view(1, 3, 1, 1))
+        if cfg.freeze:
+            self.backbone.requires_grad_(False)
+
+    def load_backbone_weights(self, path: str) -> None:
+        """Start the backbone from a local weights file (classifier keys of the file are dropped)."""
+        from pretrain.backbones import load_weights
+
+        load_weights(self.backbone, path, self.cfg.model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.cfg.freeze:
+            self.backbone.train(False)
+        return self
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        if self.cfg.freeze:
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_classifier(spec, num_classes: int, image_size: int, dropout: float,
+                     channels: Sequence[int]) -> SmallCNN | BackboneClassifier:
+    """The trainable classifier of an arm: the small CNN, or the arm's `BackboneSpec` (from scratch or
+    from its local weights file, with the pretrained preset's normalisation)."""
+    if spec is None:
+        return SmallCNN(CNNConfig(channels=channels, num_classes=num_classes, dropout=dropout,
+                                  input_size=image_size))
+    model = BackboneClassifier(BackboneConfig(spec.model, num_classes, dropout, image_size, spec.weights,
+                                              spec.freeze))
+    if spec.weights:
+        model.load_backbone_weights(spec.weights)
+    return model
+
+
+def classifier_from_config(kind: str, config: dict) -> SmallCNN | BackboneClassifier:
+    """Rebuild a checkpoint's classifier from its recorded config (kind "small_cnn" or "backbone")."""
+    return BackboneClassifier(BackboneConfig(**config)) if kind == "backbone" else SmallCNN(CNNConfig(**config))

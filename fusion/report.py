@@ -68,13 +68,19 @@ def arm_label(row: dict, modes: list[str]) -> str:
     return f"{row['arm']} ({row['mode']})"
 
 
-def structure(row: dict) -> tuple[tuple[str, ...], str | None]:
-    """(sources, twin_of) of a result row; rows written before sources were config are read by name."""
+SMALL_CNN = "small_cnn"
+
+
+def structure(row: dict) -> tuple[tuple[str, ...], str | None, str]:
+    """(sources, twin_of, classifier) of a result row (classifier: `small_cnn` or the backbone with
+    `+weights`/`+frozen`); rows written before sources were config are read by name."""
+    classifier = row.get("backbone", SMALL_CNN) + ("+weights" if row.get("backbone_pretrained") else "") \
+        + ("+frozen" if row.get("backbone_frozen") else "")
     if "sources" in row:
-        return tuple(row["sources"]), row.get("twin_of")
+        return tuple(row["sources"]), row.get("twin_of"), classifier
     arm = row["arm"]
     base = LEGACY_TWINS.get(arm) or (arm[len(TWIN_PREFIX):] if arm.startswith(TWIN_PREFIX) else None)
-    return tuple(DEFAULT_ARMS.get(base or arm, ())), base
+    return tuple(DEFAULT_ARMS.get(base or arm, ())), base, classifier
 
 
 def _labels(rows: list[dict]) -> tuple[list[str], list[str], list[float]]:
@@ -131,19 +137,21 @@ def summarise(rows: list[dict]) -> Summary:
     # each arm against scratch and against its own random twin (same sources, same mode), by structure
     struct = {arm_label(r, modes): structure(r) for r in ok}
     twin_label = {}
-    for lab, (srcs, twin_of) in struct.items():
+    for lab, (srcs, twin_of, clf) in struct.items():
         if twin_of is not None:
-            base_lab = next((b for b, (bs, bt) in struct.items() if bt is None and bs == srcs
+            base_lab = next((b for b, (bs, bt, bc) in struct.items() if bt is None and bs == srcs and bc == clf
                              and b.split(" (")[0] == twin_of and b.partition(" (")[2] == lab.partition(" (")[2]), None)
             if base_lab is not None:
                 twin_label[base_lab] = lab
     paired = []
     for f in fractions:
         for lab in labels:
-            srcs, twin_of = struct.get(lab, ((), None))
-            if not srcs:
+            srcs, twin_of, clf = struct.get(lab, ((), None, SMALL_CNN))
+            if lab == "scratch" or (not srcs and clf == SMALL_CNN):
                 continue
-            refs = [("scratch", "scratch")] + ([(twin_label[lab], "twin")] if lab in twin_label else [])
+            # an architecture arm without sources is a comparison of classifiers, not of pretraining
+            kind0 = "scratch" if srcs else "architecture"
+            refs = [("scratch", kind0)] + ([(twin_label[lab], "twin")] if lab in twin_label else [])
             for ref, kind in refs:
                 a, b = cells.get((f, lab), {}), cells.get((f, ref), {})
                 seeds = sorted(set(a) & set(b))
@@ -161,8 +169,27 @@ def summarise(rows: list[dict]) -> Summary:
         for row, adj in zip(paired, holm([r[f"{m}_p"] for r in paired]), strict=True):
             row[f"{m}_p_holm"] = adj
     verdicts = {f: verdict(f, [p for p in paired if p["fraction"] == f], labels) for f in fractions}
+    for f in fractions:
+        if arch := architecture_verdict(f, [p for p in paired if p["fraction"] == f and p["kind"] == "architecture"]):
+            verdicts[f] += " " + arch
     classes = tuple(next((r["classes"] for r in ok if r.get("classes")), CLASSES))
     return Summary(labels, modes, fractions, dict(cells), failed, paired, verdicts, classes)
+
+
+def architecture_verdict(fraction: float, paired: list[dict]) -> str:
+    """One sentence on the standard architectures against the small CNN (`scratch`) at `fraction`."""
+    parts = []
+    for p in paired:
+        if p["n_pairs"] < MIN_SEEDS_FOR_CI:
+            word = f"undetermined ({p['n_pairs']} seed{'s' if p['n_pairs'] != 1 else ''})"
+        elif p["macro_f1_lo"] > 0:
+            word = "better than the small CNN"
+        elif p["macro_f1_hi"] < 0:
+            word = "worse than the small CNN"
+        else:
+            word = "no measurable difference from the small CNN"
+        parts.append(f"{p['arm']} {word} ({p['macro_f1_diff']:+.3f} macro-F1)")
+    return f"Architectures at {fmt_pct(fraction)}: " + "; ".join(parts) + "." if parts else ""
 
 
 def verdict(fraction: float, paired: list[dict], labels: list[str]) -> str:
@@ -176,7 +203,7 @@ def verdict(fraction: float, paired: list[dict], labels: list[str]) -> str:
     parts, helped = [], []
     for lab in pre:
         vs = {p["kind"]: p for p in paired if p["arm"] == lab}
-        if "scratch" not in vs:
+        if "scratch" not in vs:  # an architecture arm: judged by architecture_verdict
             continue
         s, r = vs["scratch"], vs.get("twin")
         n = s["n_pairs"]
@@ -211,6 +238,25 @@ def _table(summary: Summary, metric: str) -> list[str]:
         cells = [fmt_cell([r[metric] for r in summary.cells.get((f, lab), {}).values()]) for lab in summary.labels]
         lines.append(f"| {fmt_pct(f)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def cost_table(summary: Summary) -> list[str]:
+    """Per arm: classifier, parameter count, training time per run and training images per second."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for (_, lab), runs in summary.cells.items():
+        by[lab] += list(runs.values())
+    if not any("train_seconds" in r for rs in by.values() for r in rs):
+        return []
+    md = ["## Cost per run (training on this machine)", "",
+          "| arm | classifier | trainable params | seconds per run (median) | train images/s (median) |",
+          "|---|---|---|---|---|"]
+    for lab in summary.labels:
+        rs = [r for r in by.get(lab, []) if "train_seconds" in r]
+        if rs:
+            md.append(f"| {lab} | {structure(rs[0])[2]} | {rs[0]['trainable_params']:,} | "
+                      f"{np.median([r['train_seconds'] for r in rs]):.1f} | "
+                      f"{np.median([r['train_images_per_s'] for r in rs]):.0f} |")
+    return md + [""]
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -270,6 +316,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     md += ["## Verdict per fraction", ""] + [f"- {summary.verdicts[f]}" for f in summary.fractions] + [""]
     for m, title in (("accuracy", "Test accuracy"), ("macro_f1", "Test macro-F1")):
         md += [f"## {title} (mean ± 95% CI over seeds)", ""] + _table(summary, m) + [""]
+    md += cost_table(summary)
     md += probe_table(run_dir, fmt_cell, fmt_pct)
     md += ["## Paired differences (same seed), macro-F1 and accuracy, paired Student-t 95% CI", "",
            f"p: paired t-test of the macro-F1 difference; Holm: adjusted over all {len(summary.paired)} "

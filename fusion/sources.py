@@ -15,6 +15,12 @@ An **arm** is a set of sources fused with the CNN (`scratch` is the empty set):
 
     arms: {scratch: [], prcc: [prcc], both: [prcc, cam16], imagenet: [r18]}
 
+or, as a mapping, a standard architecture trained in place of the small CNN (`BackboneSpec`), from
+scratch or from local weights, whole or frozen, optionally fused with sources like the CNN:
+
+    arms: {scratch: [], r18: {backbone: resnet18}, vgg16: {backbone: vgg16},
+           r18_ft: {backbone: resnet18, weights: r18_imagenet.pth}, effnet: {backbone: "timm:efficientnet_b0"}}
+
 Every arm with sources has a **random twin**, `random:<arm>`: the same architectures with frozen
 random weights, the control for extra parameters without pretrained knowledge. A twin's weights are
 seeded from the source's name and the run seed (`twin_seed`), never from a position in a list, so
@@ -103,12 +109,49 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class BackboneSpec:
+    """An arm's trainable classifier when it is not the small CNN: a standard architecture trained on the
+    WBC labels, from scratch or from a local weights file, whole or with the backbone frozen.
+
+        arms: {r18: {backbone: resnet18}, r18_imagenet: {backbone: resnet18, weights: r18.pth, freeze: true}}
+    """
+
+    model: str  # `<library>:<model>` (a short standard name is resolved by `parse`)
+    weights: str = ""  # local file the backbone starts from; "" = from scratch (the library's own init)
+    freeze: bool = False  # train only the linear head; the backbone keeps its weights and BatchNorm statistics
+
+    @classmethod
+    def parse(cls, arm: str, value: Mapping) -> BackboneSpec:
+        from pretrain.backbones import resolve_model_name
+
+        try:
+            model = resolve_model_name(value["backbone"])
+        except ValueError as e:
+            raise SourceError(f"arm {arm!r}: {e}") from e
+        freeze = value.get("freeze", False)
+        if not isinstance(freeze, bool):
+            raise SourceError(f"arm {arm!r}: freeze must be true or false, got {freeze!r}")
+        if freeze and not value.get("weights"):
+            raise SourceError(f"arm {arm!r}: freeze: true needs weights: FILE (a frozen random backbone learns "
+                              f"nothing); give the local weights file or drop freeze")
+        return cls(model, str(value.get("weights") or ""), freeze)
+
+    def plain(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in ("", False)}
+
+
+ARM_KEYS = ("sources", "backbone", "weights", "freeze")
+
+
+@dataclass(frozen=True)
 class ArmSpec:
-    """The sources an arm fuses with the CNN; `twin_of` names the arm whose random twin this is."""
+    """The sources an arm fuses with its classifier (the small CNN, or `backbone`); `twin_of` names the arm
+    whose random twin this is."""
 
     name: str
     sources: tuple[str, ...]
     twin_of: str | None = None
+    backbone: BackboneSpec | None = None
 
     @property
     def random(self) -> bool:
@@ -121,6 +164,7 @@ class Registry:
 
     sources: dict[str, SourceSpec] = field(default_factory=dict)
     arms: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ARMS))
+    backbones: dict[str, BackboneSpec] = field(default_factory=dict)  # arm -> its classifier, when not the CNN
 
     def arm(self, name: str) -> ArmSpec:
         """The ArmSpec of `name`: a defined arm, `random:<arm>`, or the legacy `random`.
@@ -139,7 +183,7 @@ class Registry:
                               f"{sorted(self.sources)} (add them under `sources:`)")
         if base is not None and not srcs:
             raise SourceError(f"arm {name!r}: {base!r} has no sources, so it has no random twin")
-        return ArmSpec(name, srcs, twin_of=base)
+        return ArmSpec(name, srcs, twin_of=base, backbone=self.backbones.get(key))
 
     def arm_names(self) -> list[str]:
         """Every valid arm name: the defined arms, `random` (legacy) and a twin per arm with sources."""
@@ -175,6 +219,13 @@ def build_registry(sources: Mapping[str, Any] | None = None, arms: Mapping[str, 
     for name, srcs in (arms or {}).items():
         if name in LEGACY_TWINS or name.startswith(TWIN_PREFIX):
             raise SourceError(f"arm name {name!r} is reserved for random twins")
+        if isinstance(srcs, Mapping):  # {backbone: resnet18, weights: FILE, freeze: false, sources: [...]}
+            unknown = sorted(set(srcs) - set(ARM_KEYS))
+            if unknown or "backbone" not in srcs:
+                raise SourceError(f"arm {name!r}: a mapping needs backbone: <architecture> and takes the keys "
+                                  f"{list(ARM_KEYS)}; got {sorted(srcs)}")
+            reg.backbones[name] = BackboneSpec.parse(name, srcs)
+            srcs = srcs.get("sources") or []
         if isinstance(srcs, str) or not all(isinstance(s, str) for s in srcs):
             raise SourceError(f"arm {name!r} must list source names, e.g. {name}: [{srcs}], got {srcs!r}")
         reg.arms[name] = tuple(srcs)

@@ -75,7 +75,8 @@ class SweepConfig(RunConfig):
 
     def __post_init__(self) -> None:
         if isinstance(self.arms, dict):  # {name: [sources]} defines the arms and selects them
-            self.arm_sets = {**self.arm_sets, **{k: list(v) for k, v in self.arms.items() if k != "scratch"}}
+            self.arm_sets = {**self.arm_sets, **{k: (dict(v) if isinstance(v, dict) else list(v))
+                                                 for k, v in self.arms.items() if k != "scratch"}}
             self.arms = list(self.arms)
         super().__post_init__()
         reg = self.registry()
@@ -114,14 +115,18 @@ class SweepContext:
     features: FeatureCache = field(default_factory=FeatureCache)
 
 
-def run_name(fraction: float, arm: str, mode: str, seed: int, fold: int | None = None) -> str:
-    return (f"f{fraction_key(fraction)}_{arm}" + ("" if arm == "scratch" else f"_{mode}") + f"_s{seed}"
+def run_name(fraction: float, arm: str, mode: str, seed: int, fold: int | None = None,
+             fused: bool | None = None) -> str:
+    """`f0.01_prcc_sum_s0`; the mode is left out for arms without sources (`fused` False; default: scratch)."""
+    fused = arm != "scratch" if fused is None else fused
+    return (f"f{fraction_key(fraction)}_{arm}" + (f"_{mode}" if fused else "") + f"_s{seed}"
             + ("" if fold is None else f"_k{fold}"))
 
 
 def run_specs(cfg: SweepConfig) -> list[RunConfig]:
     """The deterministic run list: (fold,) fraction, then seed, then arm, then mode (scratch once per seed)."""
     base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
+    reg = cfg.registry()
     specs = []
     for fold in (range(cfg.folds) if cfg.folds else [None]):
         if fold is not None:
@@ -129,8 +134,8 @@ def run_specs(cfg: SweepConfig) -> list[RunConfig]:
         for fraction in cfg.fractions:
             for seed in cfg.seeds:
                 for arm in cfg.arms:
-                    for mode in (cfg.modes[:1] if arm == "scratch" else cfg.modes):
-                        name = run_name(fraction, arm, mode, seed, fold)
+                    for mode in (cfg.modes if reg.arm(arm).sources else cfg.modes[:1]):  # no sources: no fusion
+                        name = run_name(fraction, arm, mode, seed, fold, fused=bool(reg.arm(arm).sources))
                         twin = Path(cfg.val_runs) / name if cfg.val_runs else None
                         specs.append(RunConfig(**{
                             **base, "fraction": float(fraction), "arm": arm, "mode": mode, "seed": int(seed),

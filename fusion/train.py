@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,13 +45,15 @@ from .augment import AugConfig, augment
 from .data import WBCData, load_wbc
 from .encoders import FeatureCache, fusion_sources_config, images_key, images_to_tensor, load_arm_encoders
 from .metrics import classification_metrics
-from .models import CNNConfig, FusionModel, SmallCNN, check_mode
+from .models import BackboneClassifier, FusionModel, SmallCNN, build_classifier, check_mode
 from .preprocess import check_ops
 from .sources import Registry, build_registry
 from .splits import SplitMismatchError, load_split, make_split, save_split, split_indices
 
 ENCODER_FEATURES = ("precompute", "online")
 SAMPLERS = ("uniform", "balanced")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
 
 
 @dataclass
@@ -84,9 +86,20 @@ class OptimConfig:
     max_steps: int = field(default=1500, metadata={"help": "train at most this many steps (0 = no cap)"})
     evals: int = field(default=10, metadata={"help": "validations per run, evenly spaced; the best is kept"})
     batch_size: int = 64
-    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup: float = field(default=0.05, metadata={"help": "share of the steps with a linear lr warm-up"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW (decoupled) weight decay"})
+    weight_decay: float = field(default=0.05, metadata={"help": "weight decay (decoupled for AdamW, L2 for SGD)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, or sgd (with momentum, the related "
+                                                               "studies' recipe)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine: warm-up then cosine to 0; step: warm-up, "
+                                                               "then x step_gamma at each of step_at"})
+    step_at: list[float] = field(default_factory=lambda: [0.5, 0.75], metadata={
+        "help": "step decay points, as shares of the run's steps"})
+    step_gamma: float = field(default=0.1, metadata={"help": "step decay factor"})
+    progressive: list[int] = field(default_factory=list, metadata={
+        "help": "progressive resizing: image sides to train at before image_size, growing, the run's steps "
+                "split evenly over them and image_size (e.g. [24, 32] at image_size 48); [] = off"})
     class_weights: bool = field(default=True, metadata={"help": "inverse-frequency class weights in the loss"})
     label_smoothing: float = 0.05
     early_stop: int = field(default=0, metadata={"help": "validations without a better val macro-F1 before "
@@ -107,6 +120,14 @@ class OptimConfig:
             raise ValueError(f"optim.loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"optim.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if any(not 0 < float(t) < 1 for t in self.step_at) or list(self.step_at) != sorted(self.step_at):
+            raise ValueError(f"optim.step_at must be increasing shares in (0, 1), got {self.step_at}")
+        if list(self.progressive) != sorted(set(self.progressive)) or any(int(v) < 1 for v in self.progressive):
+            raise ValueError(f"optim.progressive must list growing image sides, got {self.progressive}")
         if self.focal_gamma < 0:
             raise ValueError(f"optim.focal_gamma must be >= 0, got {self.focal_gamma}")
         if not 0 <= float(self.warmup) < 1:
@@ -195,6 +216,9 @@ class RunConfig:
                               ("runtime", RuntimeConfig)):
             if isinstance(getattr(self, name), dict):  # built in code from a nested dict
                 setattr(self, name, config_from_dict(section, getattr(self, name), prefix=f"{name}."))
+        if self.optim.progressive and int(self.optim.progressive[-1]) >= int(self.image_size):
+            raise ValueError(f"optim.progressive sides {self.optim.progressive} must all be below image_size "
+                             f"{self.image_size} (the last stage trains at image_size)")
 
     def registry(self) -> Registry:
         """The run's sources and arms: the original two from their checkpoint fields, plus config."""
@@ -258,6 +282,29 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (the default), or SGD with momentum (the related studies' recipe)."""
+    params = [p for p in params if p.requires_grad]
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, optim: OptimConfig):
+    """Per-step schedule: warm-up then cosine (`warmup_cosine`), or warm-up then step decay at `step_at`."""
+    if optim.schedule == "cosine":
+        return warmup_cosine(optimizer, total_steps, optim.warmup)
+    w = int(round(optim.warmup * total_steps))
+    marks = [int(round(t * total_steps)) for t in optim.step_at]
+
+    def factor(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return optim.step_gamma ** sum(step >= m for m in marks)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _batches(n: int, bs: int, steps: int, g: torch.Generator, labels: torch.Tensor | None = None):
     """`steps` batches of `bs` rows of range(n): consecutive random permutations, or, given the rows'
     `labels` (the balanced sampler), rows drawn with replacement so that every class is equally likely."""
@@ -293,11 +340,14 @@ class _Feeder:
         self.aug, self.g = aug, g
         self.loss_weight, self.smoothing = loss_weight, label_smoothing
         self.focal_gamma = focal_gamma  # None: cross-entropy
+        self.size: int | None = None  # progressive resizing: the side training batches are resized to
 
     def step(self, model: FusionModel, rows: torch.Tensor, device: torch.device):
         x = self.images[rows].to(device, non_blocking=True).float().div_(255)
         if self.aug is not None and model.training:
             x = augment(x, self.aug, self.g)
+        if self.size is not None and model.training and self.size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         y = self.labels[rows].to(device)
         feats = {s: f[rows].to(device) for s, f in self.feats.items()}
         logits = model(x, feats or None)
@@ -338,7 +388,9 @@ def recalibrate_bn(cnn: SmallCNN, images: torch.Tensor, rows: torch.Tensor, devi
     The running averages come from augmented, ever-changing batches; validation and test images are
     neither, and the mismatch made validation swing from one check to the next (benchmarks/real_study).
     """
-    bns = [m for m in cnn.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    # a frozen backbone's BatchNorm (no trainable affine) keeps its pretrained statistics
+    bns = [m for m in cnn.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           and any(p.requires_grad for p in m.parameters(recurse=False))]
     if not bns or limit <= 0:
         return
     was_training = cnn.training
@@ -360,7 +412,8 @@ def _eval(model, images, feats, rows, labels, device, cfg, loss_weight, classes)
     y = labels[torch.as_tensor(rows)]
     m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), classes)
     loss = F.cross_entropy(logits, y, weight=loss_weight).item()
-    return {"loss": loss, "acc": m["accuracy"], "macro_f1": m["macro_f1"], "metrics": m, "gates": gates}
+    return {"loss": loss, "acc": m["accuracy"], "macro_f1": m["macro_f1"], "metrics": m, "gates": gates,
+            "logits": logits}
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -375,6 +428,8 @@ def _finished(run_dir: Path) -> dict | None:
     return None
 
 
+# result fields that measure the machine, not the run: they differ between identical runs
+TIMING_FIELDS = ("seconds", "train_seconds", "train_images_per_s", "val_run_seconds")
 # fields that may differ between a validation-only run and the run that reuses it (`val_run`)
 _TWIN_FREE = ("out", "runtime.eval_test", "runtime.progress", "runtime.curves", "overwrite", "val_run")
 # fields that do not change a finished run's numbers: a run may be reused when only these differ
@@ -460,11 +515,14 @@ def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
 
 
 def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.PathLike | None = None,
-              split: dict | None = None, features: FeatureCache | None = None) -> dict:
+              split: dict | None = None, features: FeatureCache | None = None,
+              on_validate: Callable[[int, dict], None] | None = None) -> dict:
     """Train one run and return its result dict (also written to `run_dir/metrics.json`).
 
     `data`, `split` and `features` let a sweep load the images, the split and the frozen features
-    once for all its runs. A run folder that already holds `metrics.json` is not trained again
+    once for all its runs. `on_validate(epoch, val_metrics)` is called after each validation (a
+    hyperparameter search reports to its pruner there, and may raise to stop the run). With
+    `runtime.eval_test` false the test rows of the split are never looked up. A run folder that already holds `metrics.json` is not trained again
     (its result is returned) unless `cfg.overwrite`. A NaN/inf loss stops the run; the result then has
     status "failed" and a reason, and the caller goes on.
 
@@ -497,8 +555,9 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         split = prepare_split(cfg, data, run_dir / "split.json")
     train_rows = split_indices(split, data, "train", cfg.fraction)
     val_rows = split_indices(split, data, "val")
-    test_rows = split_indices(split, data, "test")
-    if len(val_rows) == 0 or len(test_rows) == 0:
+    # a validation-only run (a search trial) never looks up the test rows
+    test_rows = split_indices(split, data, "test") if cfg.runtime.eval_test else np.zeros(0, dtype=np.int64)
+    if len(val_rows) == 0 or (cfg.runtime.eval_test and len(test_rows) == 0):
         raise ValueError(f"the split has {len(val_rows)} val and {len(test_rows)} test images; both are "
                          f"needed (early stopping on val, metrics on test)")
 
@@ -517,9 +576,10 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     # same seed -> same CNN init, batch order and augmentations in every arm (paired comparisons)
     seed_everything(cfg.seed)
     n_classes = len(data.classes)
-    cnn_cfg = CNNConfig(channels=cfg.model.cnn_channels, num_classes=n_classes, dropout=cfg.model.dropout,
-                        input_size=cfg.image_size)
-    cnn = SmallCNN(cnn_cfg)
+    arm = cfg.registry().arm(cfg.arm)
+    cnn = build_classifier(arm.backbone, n_classes, cfg.image_size, cfg.model.dropout, cfg.model.cnn_channels)
+    if cfg.optim.progressive and arm.backbone is not None:  # the smallest stage must fit the architecture
+        build_classifier(arm.backbone, n_classes, int(cfg.optim.progressive[0]), cfg.model.dropout, ())
     model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.model.encoder_resize, cfg.model.dropout).to(device)
     g = torch.Generator().manual_seed(cfg.seed)
     loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
@@ -528,30 +588,38 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing,
                      cfg.optim.focal_gamma if cfg.optim.loss == "focal" else None)
     bs, steps, epochs = plan_steps(len(train_rows), cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = warmup_cosine(optimizer, steps * epochs, cfg.optim.warmup)
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    scheduler = make_schedule(optimizer, steps * epochs, cfg.optim)
     train_t = torch.as_tensor(train_rows)
+    stages = [*map(int, cfg.optim.progressive), cfg.image_size]
 
     def train_epoch(epoch: int) -> dict:
+        feeder.size = stages[min(len(stages) - 1, (epoch - 1) * len(stages) // epochs)] if len(stages) > 1 else None
         balanced = labels[train_t] if cfg.optim.sampler == "balanced" else None
         batches = [train_t[b] for b in _batches(len(train_rows), bs, steps, g, balanced)]
-        return train_one_epoch(model, batches, feeder.step, optimizer, device, amp=cfg.runtime.amp,
-                               desc=f"epoch {epoch}", progress=False, scheduler=scheduler)
+        out = train_one_epoch(model, batches, feeder.step, optimizer, device, amp=cfg.runtime.amp,
+                              desc=f"epoch {epoch}", progress=False, scheduler=scheduler)
+        return {**out, "train_size": feeder.size or cfg.image_size} if len(stages) > 1 else out
 
     calib_rows = train_t[torch.randperm(len(train_t), generator=torch.Generator().manual_seed(cfg.seed))]
 
     def validate(epoch: int) -> dict:
         recalibrate_bn(model.cnn, images, calib_rows, device, bs, cfg.optim.bn_recalibrate)
         r = _eval(model, images, feats, val_rows, labels, device, cfg, loss_weight, data.classes)
-        return {k: r[k] for k in ("loss", "acc", "macro_f1")}
+        out = {k: r[k] for k in ("loss", "acc", "macro_f1")}
+        if on_validate is not None:
+            on_validate(epoch, out)
+        return out
 
-    arm = cfg.registry().arm(cfg.arm)
     base = {"run": run_dir.name, "arm": cfg.arm, "sources": list(arm.sources), "twin_of": arm.twin_of,
+            "backbone": arm.backbone.model if arm.backbone else "small_cnn",
+            "backbone_pretrained": bool(arm.backbone and arm.backbone.weights),
+            "backbone_frozen": bool(arm.backbone and arm.backbone.freeze),
             **({"fold": int(split["fold"]["index"])} if "fold" in split else {}),
             "mode": cfg.mode, "fraction": float(cfg.fraction),
             "seed": int(cfg.seed), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
             "n_test": int(len(test_rows)), "trainable_params": count_parameters(model, trainable_only=True),
+            "params": count_parameters(model),
             "image_size": cfg.image_size, "encoder_features": cfg.model.encoder_features}
     twin = _val_only_twin(cfg, run_dir) if cfg.val_run else None
     try:
@@ -570,7 +638,9 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         base["val_run"] = cfg.val_run
     result = {**base, "status": "ok", "best_epoch": res.best_epoch, "val_macro_f1": res.best.get("val_macro_f1"),
               "val_acc": res.best.get("val_acc"), "epochs_run": len(res.history),
-              "steps": len(res.history) * steps, "batch_size": bs, "stopped_early": res.stopped_early}
+              "steps": len(res.history) * steps, "batch_size": bs, "stopped_early": res.stopped_early,
+              "train_seconds": round(res.seconds, 2),
+              "train_images_per_s": round(len(res.history) * steps * bs / max(res.seconds, 1e-9), 1)}
     if cfg.runtime.eval_test:  # once, with the weights chosen on validation
         test = _eval(model, images, feats, test_rows, labels, device, cfg, loss_weight, data.classes)
         m = test["metrics"]
@@ -578,6 +648,11 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                        "balanced_accuracy": m.get("balanced_accuracy"), "weighted_f1": m.get("weighted_f1"),
                        "per_class": m["per_class"], "confusion": to_plain(m["confusion"]),
                        "classes": list(data.classes), "test_loss": test["loss"], "gate_weights": test["gates"]})
+        # the test probabilities, for ensembles of runs (fusion/ensemble.py)
+        np.savez_compressed(run_dir / "test_probs.npz", rows=test_rows, ids=np.asarray(data.ids)[test_rows],
+                            labels=labels[torch.as_tensor(test_rows)].numpy(),
+                            probs=torch.softmax(test["logits"], 1).numpy().astype(np.float32),
+                            classes=np.asarray(list(data.classes)))
     else:
         result.update({"status": "val_only", "accuracy": None, "macro_f1": None})
     if cfg.runtime.curves:
@@ -585,7 +660,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                     title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
     save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg, data.classes),
                     model=res.best_state, input_spec={"size": cfg.image_size, "channels": 3, "range": [0, 1],
-                                                      "mean": list(cnn_cfg.mean), "std": list(cnn_cfg.std)},
+                                                      "mean": list(cnn.cfg.mean), "std": list(cnn.cfg.std)},
                     metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
                     data={"source": data.root, "n_train": len(train_rows), "fraction": cfg.fraction},
                     train=cfg)
@@ -601,7 +676,8 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
 def fusion_model_config(model: FusionModel, cfg: RunConfig, classes: Sequence[str]) -> dict:
     """Plain-dict config that `build_fusion_model` turns back into the same FusionModel."""
     reg = cfg.registry()
-    return {"cnn": to_plain(model.cnn.cfg), "mode": model.mode, "num_classes": model.num_classes,
+    return {"cnn": to_plain(model.cnn.cfg), "classifier": "backbone" if isinstance(model.cnn, BackboneClassifier)
+            else "small_cnn", "mode": model.mode, "num_classes": model.num_classes,
             "encoder_resize": model.encoder_resize, "dropout": cfg.model.dropout, "arm": cfg.arm, "seed": cfg.seed,
             "sources": fusion_sources_config(reg, cfg.arm), "twin": reg.arm(cfg.arm).random,
             "classes": list(classes)}

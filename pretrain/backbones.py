@@ -79,7 +79,31 @@ def _unknown_model(library: str, model: str, known: list[str]) -> ValueError:
     return ValueError(f"unknown {library} model {model!r}; {hint} (all: {listing})")
 
 
-def _build_timm(model: str) -> nn.Module:
+# the standard architectures of the small-data studies, by short name (`backbone: resnet18`)
+STANDARD = {n: f"torchvision:{n}" for n in ("resnet18", "resnet50", "vgg16", "vgg19", "mobilenet_v2",
+                                             "mobilenet_v3_small", "mobilenet_v3_large", "densenet121",
+                                             "alexnet", "squeezenet1_1")}
+
+
+def resolve_model_name(name: str) -> str:
+    """A short standard name (`resnet18`) or `<library>:<model>` -> `<library>:<model>`, checked to exist
+    (without building it). ValueError lists the standard names, or close names of the library's."""
+    name = str(name)
+    if ":" not in name:
+        if name in STANDARD:
+            return STANDARD[name]
+        close = _close_names(name, list(STANDARD))
+        raise ValueError(f"unknown architecture {name!r}{f' (close: {close[0]})' if close else ''}; valid short "
+                         f"names: {', '.join(STANDARD)}; or any 'torchvision:<model>' / 'timm:<model>'")
+    library, model = parse_model_name(name)
+    if library == "timm":
+        _check_timm_name(model)
+    else:
+        _check_torchvision_name(model)
+    return name
+
+
+def _check_timm_name(model: str) -> None:
     import timm
 
     if ":" in model:  # hf-hub:/local-dir: names resolve weights or configs remotely
@@ -87,6 +111,23 @@ def _build_timm(model: str) -> nn.Module:
                          f"(e.g. 'timm:vit_small_patch14_dinov2') and the local weights file")
     if not timm.is_model(model.split(".")[0]):
         raise _unknown_model("timm", model, timm.list_models())
+
+
+def _check_torchvision_name(model: str) -> None:
+    import torchvision
+
+    if model not in torchvision.models.list_models(module=torchvision.models):
+        if model in torchvision.models.list_models():
+            raise ValueError(f"torchvision model {model!r} is not an image classification backbone (it is a "
+                             f"detection/segmentation/video/flow model); pick one of "
+                             f"torchvision.models.list_models(module=torchvision.models)")
+        raise _unknown_model("torchvision", model, torchvision.models.list_models(module=torchvision.models))
+
+
+def _build_timm(model: str) -> nn.Module:
+    import timm
+
+    _check_timm_name(model)
     return timm.create_model(model, pretrained=False, num_classes=0)  # (B, D) pooled features
 
 
@@ -113,12 +154,7 @@ def _feature_part(head: nn.Module) -> nn.Module:
 def _build_torchvision(model: str) -> nn.Module:
     import torchvision
 
-    if model not in torchvision.models.list_models(module=torchvision.models):
-        if model in torchvision.models.list_models():
-            raise ValueError(f"torchvision model {model!r} is not an image classification backbone (it is a "
-                             f"detection/segmentation/video/flow model); pick one of "
-                             f"torchvision.models.list_models(module=torchvision.models)")
-        raise _unknown_model("torchvision", model, torchvision.models.list_models(module=torchvision.models))
+    _check_torchvision_name(model)
     # auxiliary heads are training-only classifiers; init_weights given to silence torchvision's warning
     kwargs = {"aux_logits": False, "init_weights": True} if model in ("googlenet", "inception_v3") else {}
     net = torchvision.models.get_model(model, weights=None, **kwargs)

@@ -98,19 +98,29 @@ def write_wbc_folder(root: Path, n_per_class: int = 12, size: int = 16, seed: in
     return root
 
 
-_SECTIONS = {"model": ("cnn_channels", "dropout", "encoder_resize", "encoder_features"),
-             "optim": ("epochs", "min_steps", "max_steps", "evals", "batch_size", "lr", "warmup", "weight_decay",
-                       "class_weights", "label_smoothing", "early_stop", "bn_recalibrate"),
-             "runtime": ("device", "amp", "eval_batch_size", "eval_test", "threads", "progress", "curves")}
+def _sections() -> dict[str, tuple[str, ...]]:
+    import dataclasses
+
+    from fusion.train import AugmentConfig, ModelConfig, OptimConfig, RuntimeConfig
+
+    return {name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in
+            (("model", ModelConfig), ("optim", OptimConfig), ("augment", AugmentConfig), ("runtime", RuntimeConfig))}
 
 
 def nest(**kw) -> dict:
     """Flat test settings -> RunConfig's sections, so tests can list the few knobs they set in one line."""
     out: dict = {}
     for k, v in kw.items():
-        section = next((s for s, names in _SECTIONS.items() if k in names), None)
+        section = next((s for s, names in _sections().items() if k in names), None)
         if section is None:
             out[k] = v
         else:
             out.setdefault(section, {})[k] = v
     return out
+
+
+def strip_timing(rows):
+    """Result rows without the machine's timings, sorted by run: equal for identical runs."""
+    from fusion.train import TIMING_FIELDS
+
+    return sorted(({k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows), key=lambda r: r["run"])

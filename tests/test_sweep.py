@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from fusion_fakes import nest, tiny_checkpoints, use_tiny_cam16, write_wbc_folder
+from fusion_fakes import nest, strip_timing, tiny_checkpoints, use_tiny_cam16, write_wbc_folder
 
 import fusion.sweep as sweep
 from fusion.sweep import SweepConfig, run_specs, run_sweep
@@ -34,10 +34,6 @@ def _cfg(env, out, **kw) -> SweepConfig:
     return SweepConfig(**nest(**{**base, **kw}))
 
 
-def _strip(rows):
-    return sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rows), key=lambda r: r["run"])
-
-
 def test_run_list_is_deterministic_and_scratch_runs_once_per_seed(env, tmp_path):
     cfg = _cfg(env, tmp_path, fractions=[0.5, 1.0], arms=["scratch", "prcc+cam16", "random"],
                modes=["sum", "gated"], seeds=[0, 1])
@@ -64,7 +60,7 @@ def test_missing_encoder_checkpoint_is_reported_before_training(env, tmp_path):
 
 def test_restarted_sweep_skips_finished_runs_and_matches_uninterrupted(env, tmp_path, monkeypatch, capsys):
     full = run_sweep(_cfg(env, tmp_path / "full"))
-    expected = _strip(read_jsonl(full))
+    expected = strip_timing(read_jsonl(full))
     assert len(expected) == 4 and all(r["status"] == "ok" for r in expected)
     assert "ETA" in capsys.readouterr().out
 
@@ -84,7 +80,7 @@ def test_restarted_sweep_skips_finished_runs_and_matches_uninterrupted(env, tmp_
     capsys.readouterr()
     resumed = run_sweep(_cfg(env, tmp_path / "part"))
     assert "2 already finished, 2 to go" in capsys.readouterr().out
-    assert _strip(read_jsonl(resumed)) == expected
+    assert strip_timing(read_jsonl(resumed)) == expected
 
 
 def test_nan_run_is_marked_failed_and_the_sweep_goes_on(env, tmp_path):
@@ -108,7 +104,7 @@ def test_two_worker_processes_give_the_same_runs_as_one_process_at_the_same_thre
     parallel = read_jsonl(run_sweep(_cfg(env, tmp_path / "parallel", arms=["scratch"], seeds=[0, 1, 2],
                                          workers=2, worker_threads=1)))
     assert len(parallel) == 3 and {r["torch_threads"] for r in parallel} == {1}
-    assert _strip(parallel) == _strip(serial)
+    assert strip_timing(parallel) == strip_timing(serial)
     with pytest.raises(ValueError, match="workers"):
         _cfg(env, tmp_path / "bad", workers=0)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fusion_fakes import nest, tiny_checkpoints, use_tiny_cam16, write_wbc_folder
+from fusion_fakes import nest, strip_timing, tiny_checkpoints, use_tiny_cam16, write_wbc_folder
 
 from fusion.sweep import LOCK, SweepConfig, run_sweep
 from fusion.train import RunConfig, SettingsChangedError, train_run
@@ -45,10 +45,6 @@ def _cfg(env, out, **kw) -> SweepConfig:
     return SweepConfig(**nest(**{**_base(env, out), **kw}))
 
 
-def _strip(rows):
-    return sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rows), key=lambda r: r["run"])
-
-
 def test_resume_with_other_settings_names_them_and_keeps_the_folder_as_it_was(env, tmp_path):
     out = tmp_path / "s"
     run_sweep(_cfg(env, out))
@@ -68,7 +64,7 @@ def test_rerun_changed_trains_those_runs_again_and_logs_each_once(env, tmp_path)
     rows = read_jsonl(res)
     assert sorted(r["run"] for r in rows) == ["f1.0_scratch_s0", "f1.0_scratch_s1"]
     fresh = read_jsonl(run_sweep(_cfg(env, tmp_path / "fresh", lr=1e-3)))
-    assert _strip(rows) == _strip(fresh)
+    assert strip_timing(rows) == strip_timing(fresh)
     assert yaml.safe_load((out / "runs" / "f1.0_scratch_s0" / "config.yaml").read_text())["optim"]["lr"] == 1e-3
 
 
@@ -99,10 +95,10 @@ def test_torn_last_line_does_not_swallow_the_next_row(tmp_path):
 
 def test_torn_results_line_is_recovered_on_resume(env, tmp_path):
     out = tmp_path / "s"
-    expected = _strip(read_jsonl(run_sweep(_cfg(env, out))))
+    expected = strip_timing(read_jsonl(run_sweep(_cfg(env, out))))
     text = (out / "results.jsonl").read_text()
     (out / "results.jsonl").write_text(text[: len(text) - 40])  # the last row torn by a kill
-    assert _strip(read_jsonl(run_sweep(_cfg(env, out)))) == expected
+    assert strip_timing(read_jsonl(run_sweep(_cfg(env, out)))) == expected
 
 
 def test_second_sweep_on_the_same_folder_is_refused(env, tmp_path):
@@ -142,7 +138,7 @@ def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_sweep(file
         cfgs[name] = tmp_path / f"{name}.yaml"
         cfgs[name].write_text(yaml.safe_dump(nest(**{**base, "out": str(tmp_path / name)})))
     subprocess.run(_sweep_cmd(cfgs["full"]), check=True, capture_output=True, cwd=ROOT)
-    expected = _strip(read_jsonl(tmp_path / "full" / "results.jsonl"))
+    expected = strip_timing(read_jsonl(tmp_path / "full" / "results.jsonl"))
     assert len(expected) == 8
 
     delay = random.Random(0).uniform(0.0, 1.5)
@@ -160,7 +156,7 @@ def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_sweep(file
 
     out = subprocess.run(_sweep_cmd(cfgs["killed"]), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert _strip(read_jsonl(results)) == expected
+    assert strip_timing(read_jsonl(results)) == expected
     left = [p for p in (tmp_path / "killed").rglob("*") if p.name.endswith(".tmp") or p.name == LOCK]
     assert left == []
 
