@@ -218,9 +218,51 @@ def eda(argv: list[str] | None = None) -> Path:
     return path
 
 
+def lr_find(argv: list[str] | None = None) -> dict:
+    """Learning-rate range test of one run's recipe on its training images (validation and test unused).
+
+        python scripts/lr_find.py --config configs/demo_sweep.yaml [--lr-start 1e-6] [--lr-end 1] --out runs/lr_find
+
+    Writes lr_find.csv, lr_find.json (the suggested rate) and lr_find.png into --out.
+    """
+    from .search import LRFindConfig, run_lr_find
+
+    cfg, _ = parse_config(LRFindConfig, argv, description=lr_find.__doc__)
+    return run_lr_find(cfg)
+
+
+def search(argv: list[str] | None = None) -> dict:
+    """Optuna search (TPE, median pruning) of a sweep's recipe on its VALIDATION split only.
+
+        python scripts/search.py --sweep configs/demo_sweep.yaml --trials 20 --out runs/search [--config S.yaml]
+
+    Each trial is a validation-only run at --fraction/--arm/--seed; the space (YAML `space:`) defaults to
+    learning rate, weight decay, dropout and augmentation strength. Rerunning resumes. The best trial is
+    written as <out>/best_sweep.yaml, a sweep config: python scripts/sweep.py --config <out>/best_sweep.yaml
+    """
+    from .search import SearchConfig, print_search, run_search
+
+    cfg, _ = parse_config(SearchConfig, argv, description=search.__doc__)
+    return print_search(run_search(cfg))
+
+
+def ensemble(argv: list[str] | None = None) -> dict:
+    """Average the test probabilities of finished runs (seeds of one arm, or different architectures).
+
+        python scripts/ensemble.py --runs runs/architectures/runs/f1.0_*_s0 [--out DIR]
+
+    The runs must have been tested on the same images. Prints and writes (to --out/ensemble.json) the
+    ensemble's accuracy and macro-F1 beside each member's.
+    """
+    from .ensemble import EnsembleConfig, run_ensemble
+
+    cfg, _ = parse_config(EnsembleConfig, argv, description=ensemble.__doc__)
+    return run_ensemble(cfg)
+
+
 COMMANDS: dict[str, Callable] = {f.__name__: f for f in (
     pretrain_prcc, pretrain_cam16, extract_patches, make_demo_data, make_split, train_fusion, sweep, report,
-    extract_features, evaluate, predict, eda, study)}
+    extract_features, evaluate, predict, eda, study, lr_find, search, ensemble)}
 
 
 def console() -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from pretrain.utils import atomic_path, atomic_write_text, read_jsonl
 
 from .data import CLASSES
+from .ensemble import ensemble_table
 from .metrics import holm, mean_ci, paired_t_p
 from .report_plots import plot_confusion, plot_metric_vs_fraction
 from .sources import DEFAULT_ARMS, LEGACY_TWINS, TWIN_PREFIX
@@ -317,6 +318,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     for m, title in (("accuracy", "Test accuracy"), ("macro_f1", "Test macro-F1")):
         md += [f"## {title} (mean ± 95% CI over seeds)", ""] + _table(summary, m) + [""]
     md += cost_table(summary)
+    md += ensemble_table(Path(run_dir), summary.cells, summary.labels, summary.fractions, fmt_pct)
     md += probe_table(run_dir, fmt_cell, fmt_pct)
     md += ["## Paired differences (same seed), macro-F1 and accuracy, paired Student-t 95% CI", "",
            f"p: paired t-test of the macro-F1 difference; Holm: adjusted over all {len(summary.paired)} "

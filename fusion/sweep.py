@@ -211,6 +211,17 @@ def _check_checkpoints(cfg: SweepConfig) -> None:
             raise FileNotFoundError(f"arms {users} need the {s} encoder, but {config_key(reg.sources[s])} "
                                     f"{path!r} does not exist; "
                                     f"train or fetch it first, or drop those arms")
+    import torch
+
+    from .models import build_classifier
+
+    for a in dict.fromkeys(cfg.arms):  # an architecture arm builds (size, weights file) before any run trains
+        if (spec := reg.arm(a).backbone) is not None:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    build_classifier(spec, 2, cfg.image_size, 0.0, ())
+            except (ValueError, OSError) as e:
+                raise type(e)(f"arm {a!r}: {e}") from e
 
 
 def _clear(folder: Path, keep: tuple[str, ...]) -> None:

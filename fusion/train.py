@@ -226,11 +226,13 @@ class RunConfig:
                                                             "cam16_checkpoint": self.cam16_checkpoint})
 
 
-def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path, fractions: Sequence[float] = ()) -> dict:
+def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path, fractions: Sequence[float] = (),
+                  parts: Sequence[str] = ("train", "val", "test")) -> dict:
     """Load the split file, or make it from `data` once and save it (so later runs reuse it).
 
     `fractions` (default: the run's own) are stored in a new file; others are derived on demand,
-    reproducibly, from the file's stored training order.
+    reproducibly, from the file's stored training order. An existing file is checked against the images
+    and labels of `parts` (a search checks only train and val: it never looks at the test part).
     """
     path = Path(cfg.split) if cfg.split else default_path
     if path.is_file():
@@ -240,7 +242,7 @@ def prepare_split(cfg: RunConfig, data: WBCData, default_path: Path, fractions: 
                                        f"{cfg.split_seed} is requested; use another --out, or give --split "
                                        f"{path} to keep that split")
         try:  # name the file when it was made for other images
-            for part in ("train", "val", "test"):
+            for part in parts:
                 split_indices(split, data, part)
         except SplitMismatchError as e:
             raise SplitMismatchError(f"split file {path} does not fit the images: {e}") from e
@@ -514,6 +516,52 @@ def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
                      seconds=done["seconds"])
 
 
+@dataclass
+class Trainer:
+    """What a run trains: the model (classifier + frozen encoders), the batch feeder and the data it reads."""
+
+    model: FusionModel
+    feeder: _Feeder
+    images: torch.Tensor  # (N, 3, S, S) uint8, on the device when it is a GPU
+    labels: torch.Tensor  # (N,) int64
+    feats: dict[str, torch.Tensor]  # precomputed frozen features per source ({} when computed online)
+    loss_weight: torch.Tensor | None
+    g: torch.Generator  # batches and augmentations
+
+
+def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device: torch.device,
+                  features: FeatureCache | None = None) -> Trainer:
+    """The run's model, seeded by `cfg.seed` (same seed -> same CNN init, batches and augmentations in every
+    arm: paired comparisons), and its feeder; used by `train_run` and the learning-rate range test."""
+    encoders = load_arm_encoders(cfg.arm, cfg.registry(), cfg.seed, cfg.image_size, cfg.model.encoder_resize)
+    images = images_to_tensor(data.images)  # (N, 3, S, S) uint8
+    labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+    feats: dict[str, torch.Tensor] = {}
+    if encoders and cfg.model.encoder_features == "precompute":
+        cache = features if features is not None else FeatureCache()
+        feats = cache.get(encoders, images, images_key(data.hashes, data.image_size), device, seed=cfg.seed,
+                          batch_size=cfg.runtime.eval_batch_size, encoder_resize=cfg.model.encoder_resize)
+    if device.type == "cuda":
+        images = images.to(device)
+        feats = {s: f.to(device) for s, f in feats.items()}
+
+    seed_everything(cfg.seed)
+    n_classes = len(data.classes)
+    arm = cfg.registry().arm(cfg.arm)
+    cnn = build_classifier(arm.backbone, n_classes, cfg.image_size, cfg.model.dropout, cfg.model.cnn_channels)
+    if cfg.optim.progressive and arm.backbone is not None:  # the smallest stage must fit the architecture
+        with torch.random.fork_rng(devices=[]):
+            build_classifier(arm.backbone, n_classes, int(cfg.optim.progressive[0]), cfg.model.dropout, ())
+    model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.model.encoder_resize, cfg.model.dropout).to(device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
+    aug = AugConfig(scale=(cfg.augment.scale_min, 1.0), rotate=cfg.augment.rotate, color=cfg.augment.color) \
+        if cfg.augment.enabled else None
+    feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing,
+                     cfg.optim.focal_gamma if cfg.optim.loss == "focal" else None)
+    return Trainer(model, feeder, images, labels, feats, loss_weight, g)
+
+
 def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.PathLike | None = None,
               split: dict | None = None, features: FeatureCache | None = None,
               on_validate: Callable[[int, dict], None] | None = None) -> dict:
@@ -561,32 +609,10 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
         raise ValueError(f"the split has {len(val_rows)} val and {len(test_rows)} test images; both are "
                          f"needed (early stopping on val, metrics on test)")
 
-    encoders = load_arm_encoders(cfg.arm, cfg.registry(), cfg.seed, cfg.image_size, cfg.model.encoder_resize)
-    images = images_to_tensor(data.images)  # (N, 3, S, S) uint8
-    labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
-    feats: dict[str, torch.Tensor] = {}
-    if encoders and cfg.model.encoder_features == "precompute":
-        cache = features if features is not None else FeatureCache()
-        feats = cache.get(encoders, images, images_key(data.hashes, data.image_size), device, seed=cfg.seed,
-                          batch_size=cfg.runtime.eval_batch_size, encoder_resize=cfg.model.encoder_resize)
-    if device.type == "cuda":
-        images = images.to(device)
-        feats = {s: f.to(device) for s, f in feats.items()}
-
-    # same seed -> same CNN init, batch order and augmentations in every arm (paired comparisons)
-    seed_everything(cfg.seed)
-    n_classes = len(data.classes)
+    tr = build_trainer(cfg, data, train_rows, device, features)
+    model, feeder, images, labels, feats, loss_weight, g = (tr.model, tr.feeder, tr.images, tr.labels, tr.feats,
+                                                            tr.loss_weight, tr.g)
     arm = cfg.registry().arm(cfg.arm)
-    cnn = build_classifier(arm.backbone, n_classes, cfg.image_size, cfg.model.dropout, cfg.model.cnn_channels)
-    if cfg.optim.progressive and arm.backbone is not None:  # the smallest stage must fit the architecture
-        build_classifier(arm.backbone, n_classes, int(cfg.optim.progressive[0]), cfg.model.dropout, ())
-    model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.model.encoder_resize, cfg.model.dropout).to(device)
-    g = torch.Generator().manual_seed(cfg.seed)
-    loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
-    aug = AugConfig(scale=(cfg.augment.scale_min, 1.0), rotate=cfg.augment.rotate, color=cfg.augment.color) \
-        if cfg.augment.enabled else None
-    feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing,
-                     cfg.optim.focal_gamma if cfg.optim.loss == "focal" else None)
     bs, steps, epochs = plan_steps(len(train_rows), cfg)
     optimizer = make_optimizer(model.parameters(), cfg.optim)
     scheduler = make_schedule(optimizer, steps * epochs, cfg.optim)
@@ -660,7 +686,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                     title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
     save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg, data.classes),
                     model=res.best_state, input_spec={"size": cfg.image_size, "channels": 3, "range": [0, 1],
-                                                      "mean": list(cnn.cfg.mean), "std": list(cnn.cfg.std)},
+                                                      "mean": list(model.cnn.cfg.mean), "std": list(model.cnn.cfg.std)},
                     metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
                     data={"source": data.root, "n_train": len(train_rows), "fraction": cfg.fraction},
                     train=cfg)

@@ -120,3 +120,25 @@ def test_report_puts_architectures_beside_the_small_cnn_with_their_cost(tmp_path
     assert (vs["arm"], vs["versus"], vs["kind"]) == ("vgg", "scratch", "architecture")
     assert "vgg worse than the small CNN (-0.110 macro-F1)" in s.verdicts[0.01]
     assert "no pretrained arm" in s.verdicts[0.01]
+
+
+def test_ensemble_averages_the_runs_probabilities_and_refuses_other_test_images(tmp_path):
+    from fusion.ensemble import ensemble
+    from fusion.metrics import classification_metrics
+
+    data = synthetic_wbc(8, 32)
+    dirs = []
+    for seed, arms, arm in ((0, {}, "scratch"), (1, {}, "scratch"), (0, {"sq": {"backbone": ARCH}}, "sq")):
+        cfg = RunConfig(**_base(tmp_path, arms, arm=arm, seed=seed, cnn_channels=[8], out=str(tmp_path / f"{arm}{seed}")))
+        train_run(cfg, data=data)
+        dirs.append(tmp_path / f"{arm}{seed}")
+    e = ensemble(dirs)  # two seeds of the small CNN and a SqueezeNet
+    probs = [np.load(d / "test_probs.npz") for d in dirs]
+    mean = np.mean([p["probs"] for p in probs], axis=0)
+    assert e["macro_f1"] == classification_metrics(probs[0]["labels"], mean.argmax(1), list(probs[0]["classes"]))["macro_f1"]
+    assert len(e["member_macro_f1"]) == 3
+    other = RunConfig(**_base(tmp_path, {}, cnn_channels=[8], split=str(tmp_path / "other.json"), split_seed=3,
+                              out=str(tmp_path / "other")))
+    train_run(other, data=data)
+    with pytest.raises(ValueError, match="tested on other images or classes"):
+        ensemble([dirs[0], tmp_path / "other"])

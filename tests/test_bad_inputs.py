@@ -78,6 +78,13 @@ def _sweep_args(fx, tmp) -> list[str]:
             "--out", str(tmp / "sweep")]
 
 
+def _arch_args(fx, tmp) -> list[str]:
+    """A sweep's flags without --arms (the case's YAML defines the arms)."""
+    args = _sweep_args(fx, tmp)
+    i = args.index("--arms")
+    return args[:i] + args[i + 2:]
+
+
 def _finished_sweep(fx, tmp) -> list[str]:
     args = _sweep_args(fx, tmp)
     assert cli(_script("sweep").main, args) == 0
@@ -260,6 +267,26 @@ CASES = {
     "study-config-missing": Case("study", lambda f, t: ["--config", str(t / "nostudy.yaml")], "nostudy.yaml"),
     "study-without-record": Case("study", lambda f, t: ["--config", _yaml(t, f"shared: {t}\nwork: {t / 'w'}\n")],
                                  "record:"),
+    # --- architectures, search, ensembles (issue 18) -------------------------------------------------
+    "sweep-unknown-architecture": Case("sweep", lambda f, t: [*_arch_args(f, t), "--config", _yaml(
+        t, "arms: {scratch: [], x: {backbone: resnet81}}\n")], "unknown architecture 'resnet81'"),
+    "sweep-architecture-weights-of-another": Case("sweep", lambda f, t: [*_arch_args(f, t), "--image-size", "32", "--config", _yaml(
+        t, f"arms: {{r18: {{backbone: resnet18, weights: {_squeezenet(t)}}}}}\n")], "does not fit torchvision:resnet18"),
+    "sweep-image-too-small-for-architecture": Case("sweep", lambda f, t: [*_arch_args(f, t), "--config", _yaml(
+        t, "arms: {a: {backbone: alexnet}}\n")], "needs images of at least 63x63 pixels"),
+    "search-no-sweep": Case("search", lambda f, t: ["--out", str(t / "s")], "--sweep FILE.yaml is required"),
+    "search-space-empty": Case("search", lambda f, t: ["--sweep", str(t / "x.yaml"), "--config", _yaml(t, "space: {}\n")],
+                               "search space is empty"),
+    "search-space-inverted": Case("search", lambda f, t: ["--sweep", str(t / "x.yaml"), "--config", _yaml(
+        t, "space: {optim.lr: [0.01, 0.0001]}\n")], "optim.lr: low 0.01 >= high 0.0001"),
+    "search-sweep-missing": Case("search", lambda f, t: ["--sweep", str(t / "nosweep.yaml")], "nosweep.yaml"),
+    "lr-find-inverted-range": Case("lr_find", lambda f, t: [*_wbc_args(f, t), "--lr-start", "1", "--lr-end", "0.1"],
+                                   "lr_start 1.0 and lr_end 0.1"),
+    "ensemble-one-run": Case("ensemble", lambda f, t: ["--runs", str(t)], "at least 2 runs"),
+    "ensemble-untested-run": Case("ensemble", lambda f, t: ["--runs", str(_mk(t / "a")), str(_mk(t / "b"))],
+                                  "test_probs.npz does not exist"),
+    "ensemble-no-match": Case("ensemble", lambda f, t: ["--runs", str(t / "nothing*")], "nothing*"),
+
 }
 
 
@@ -312,6 +339,13 @@ def _other_split(fx, t: Path) -> Path:
     other = write_wbc_folder(t / "other_wbc", 8, 16, seed=5)
     split = make_split(load_wbc(other, 16, None, progress=False), val=0.25, test=0.25, fractions=(1.0,))
     return save_split(split, t / "other_split.json")
+
+
+def _squeezenet(t: Path) -> Path:
+    from pretrain.backbones import build_backbone
+
+    torch.save(build_backbone("torchvision:squeezenet1_1").state_dict(), t / "sq.pth")
+    return t / "sq.pth"
 
 
 def _finished_run(fx, t: Path, *change: str) -> list[str]:

@@ -1,0 +1,15 @@
+"""Ensemble of finished runs by averaged probabilities (see fusion.commands.ensemble).
+
+    python scripts/ensemble.py --help      (installed: wbc ensemble --help)
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fusion.commands import ensemble as main  # noqa: E402
+from pretrain.cli import cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
