@@ -17,6 +17,7 @@ are cloned into normal tensors before the trainable heads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.layers import IMAGENET_MEAN, IMAGENET_STD, kaiming_init
+
+
+def _group_norm(c: int, groups: int = 8) -> nn.GroupNorm:
+    g = math.gcd(c, groups)
+    return nn.GroupNorm(g, c)
+
+
+NORMS = {"batch": nn.BatchNorm2d, "group": _group_norm, "layer": lambda c: nn.GroupNorm(1, c)}
 
 
 @dataclass
@@ -38,6 +47,10 @@ class CNNConfig:
         dropout: dropout before the linear head.
         input_size: image side S the model is trained on (metadata for the checkpoint's input spec).
         mean, std: per-channel normalisation applied inside `forward` (inputs are RGB in [0, 1]).
+        norm: the normalisation layer of each block, one of `NORMS`: "batch" (BatchNorm, the default),
+            "group" (GroupNorm, 8 groups or fewer) or "layer" (GroupNorm with one group: LayerNorm over
+            channels and space). Group and layer norm use no batch statistics, a known point of failure
+            when another lab's images shift the statistics.
     """
 
     channels: Sequence[int] = (32, 64, 128, 192, 256)
@@ -46,8 +59,11 @@ class CNNConfig:
     input_size: int = 64
     mean: Sequence[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Sequence[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    norm: str = "batch"
 
     def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown normalisation layer {self.norm!r}; valid: {list(NORMS)}")
         self.channels = [int(c) for c in self.channels]
         if not self.channels or min(self.channels) < 1:
             raise ValueError(f"CNNConfig.channels must be a non-empty list of positive widths, got {self.channels}")
@@ -70,7 +86,7 @@ class SmallCNN(nn.Module):
             # max-pool before ReLU: the same numbers, bit for bit (ReLU is monotone, so it commutes with
             # max), with the ReLU and its backward on a 4x smaller tensor. Indices of conv/BN (4i, 4i+1)
             # are unchanged, so older checkpoints load as they are.
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), NORMS[cfg.norm](c_out),
                        nn.MaxPool2d(2), nn.ReLU(inplace=True)]
             c_in = c_out
         self.features = nn.Sequential(*blocks)
@@ -341,12 +357,12 @@ class BackboneClassifier(nn.Module):
 
 
 def build_classifier(spec, num_classes: int, image_size: int, dropout: float,
-                     channels: Sequence[int]) -> SmallCNN | BackboneClassifier:
+                     channels: Sequence[int], norm: str = "batch") -> SmallCNN | BackboneClassifier:
     """The trainable classifier of an arm: the small CNN, or the arm's `BackboneSpec` (from scratch or
     from its local weights file, with the pretrained preset's normalisation)."""
     if spec is None:
         return SmallCNN(CNNConfig(channels=channels, num_classes=num_classes, dropout=dropout,
-                                  input_size=image_size))
+                                  input_size=image_size, norm=norm))
     model = BackboneClassifier(BackboneConfig(spec.model, num_classes, dropout, image_size, spec.weights,
                                               spec.freeze))
     if spec.weights:

@@ -63,12 +63,18 @@ class ModelConfig:
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256],
                                     metadata={"help": "width of each conv block (~0.39M params by default)"})
     dropout: float = 0.2
+    norm: str = field(default="batch", metadata={"help": "normalisation layer of the small CNN: batch, group or "
+                                                          "layer (no batch statistics)"})
     encoder_resize: bool = field(default=True, metadata={"help": "resize images to each encoder's input size"})
     encoder_features: str = field(default="precompute", metadata={
         "help": "precompute: frozen features of each un-augmented image once; online: encoders run on "
                 "every augmented batch"})
 
     def __post_init__(self) -> None:
+        from .models import NORMS
+
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.encoder_features not in ENCODER_FEATURES:
             raise ValueError(f"model.encoder_features must be one of {ENCODER_FEATURES}, "
                              f"got {self.encoder_features!r}")
@@ -548,7 +554,8 @@ def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device:
     seed_everything(cfg.seed)
     n_classes = len(data.classes)
     arm = cfg.registry().arm(cfg.arm)
-    cnn = build_classifier(arm.backbone, n_classes, cfg.image_size, cfg.model.dropout, cfg.model.cnn_channels)
+    cnn = build_classifier(arm.backbone, n_classes, cfg.image_size, cfg.model.dropout, cfg.model.cnn_channels,
+                           cfg.model.norm)
     if cfg.optim.progressive and arm.backbone is not None:  # the smallest stage must fit the architecture
         with torch.random.fork_rng(devices=[]):
             build_classifier(arm.backbone, n_classes, int(cfg.optim.progressive[0]), cfg.model.dropout, ())
