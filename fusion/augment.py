@@ -22,6 +22,9 @@ class AugConfig:
         rotate: maximum rotation in degrees (uniform in [-rotate, rotate]); 180 = any angle.
         hflip, vflip: probability of a horizontal / vertical flip.
         color: brightness, contrast and saturation factors drawn from [1 - color, 1 + color].
+        hed: stain jitter in HED space (Tellez et al. 2018): each image's haematoxylin, eosin and DAB
+            optical densities are scaled by U(1 - hed, 1 + hed) and shifted by U(-hed, hed); 0 = off
+            (then no random numbers are drawn for it, so runs without it are unchanged).
     """
 
     scale: tuple[float, float] = (0.6, 1.0)
@@ -30,6 +33,27 @@ class AugConfig:
     hflip: float = 0.5
     vflip: float = 0.5
     color: float = 0.15
+    hed: float = 0.0
+
+
+def _hed_matrices(device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from skimage.color import hed_from_rgb, rgb_from_hed  # Ruifrok & Johnston's stain vectors
+
+    return (torch.as_tensor(hed_from_rgb, device=device, dtype=dtype),
+            torch.as_tensor(rgb_from_hed, device=device, dtype=dtype))
+
+
+def hed_jitter(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> the same images with stain densities s' = alpha * s + beta, where s are
+    the HED optical densities of skimage's `rgb2hed` (alpha, beta: (B, 3)), mapped back as `hed2rgb` does.
+    alpha 1, beta 0 is `hed2rgb(rgb2hed(x))`: the identity wherever no stain density is negative."""
+    to_hed, to_rgb = _hed_matrices(x.device, x.dtype)
+    log_adjust = math.log(1e-6)
+    od = torch.log(x.clamp(min=1e-6)) / log_adjust  # (B, 3, H, W), 0 = white
+    stains = torch.einsum("bchw,cd->bdhw", od, to_hed).clamp(min=0)  # as rgb2hed
+    stains = stains * alpha[:, :, None, None] + beta[:, :, None, None]
+    rgb = torch.exp(torch.einsum("bdhw,dc->bchw", stains, to_rgb) * log_adjust)
+    return rgb.clamp(0.0, 1.0)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -69,4 +93,9 @@ def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor
         out = (out - mean) * contrast + mean
         gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
         out = gray + (out - gray) * sat
-    return out.clamp_(0.0, 1.0)
+    out = out.clamp_(0.0, 1.0)
+    if cfg.hed > 0:
+        alpha = _uniform(b * 3, 1 - cfg.hed, 1 + cfg.hed, g).view(b, 3).to(x.device, x.dtype)
+        beta = _uniform(b * 3, -cfg.hed, cfg.hed, g).view(b, 3).to(x.device, x.dtype)
+        out = hed_jitter(out, alpha, beta)
+    return out

@@ -132,7 +132,7 @@ def square_resize(im: Image.Image | np.ndarray, size: int) -> np.ndarray:
 
 
 def decode_bytes(data: bytes, size: int, source: str = "image", min_size: int = 0,
-                 preprocess: Sequence[str] = ()) -> np.ndarray:
+                 preprocess: Sequence[str] = (), notes: list[str] | None = None) -> np.ndarray:
     """Decode encoded image bytes -> (size, size, 3) uint8 (see module docstring for the resize).
 
     Raises:
@@ -140,11 +140,11 @@ def decode_bytes(data: bytes, size: int, source: str = "image", min_size: int = 
             naming `source`. `SmallImageError` (a BadImageError) when the shorter side < `min_size`.
     """
     img = decode_rgb(data, source, draft=size, min_size=min_size)
-    return square_resize(apply_preprocess(img, preprocess) if preprocess else img, size)
+    return square_resize(apply_preprocess(img, preprocess, notes) if preprocess else img, size)
 
 
-def _decode_one(path: Path, size: int, min_size: int, preprocess: Sequence[str] = ()
-                ) -> tuple[np.ndarray | None, str, BadImageError | None]:
+def _decode_one(path: Path, size: int, min_size: int, preprocess: Sequence[str] = (),
+                notes: list[str] | None = None) -> tuple[np.ndarray | None, str, BadImageError | None]:
     """Read and decode one file -> (image or None, sha1 of the bytes, the refusal or None).
 
     Returns the error instead of raising so that worker threads hand each file's reason back.
@@ -155,7 +155,8 @@ def _decode_one(path: Path, size: int, min_size: int, preprocess: Sequence[str] 
         return None, "", BadImageError(f"{path}: cannot read file", f"cannot read file ({type(e).__name__}: {e})")
     digest = hashlib.sha1(data).hexdigest()
     try:
-        return decode_bytes(data, size, source=str(path), min_size=min_size, preprocess=preprocess), digest, None
+        return (decode_bytes(data, size, source=str(path), min_size=min_size, preprocess=preprocess, notes=notes),
+                digest, None)
     except BadImageError as e:
         return None, digest, e
 
@@ -310,6 +311,13 @@ def _write_cache(path: Path, d: dict) -> None:
                  hashes=np.array(d["hashes"], dtype=str), meta=np.array(meta))
 
 
+def warn_fallbacks(fallback: dict[str, str], n: int, what: str) -> None:
+    """One warning naming the images a preprocessing step could not handle (kept, with its substitute)."""
+    first = next(iter(fallback.items()))
+    warnings.warn(f"{len(fallback)} of {n} images of {what}: a preprocessing step fell back (e.g. {first[0]}: "
+                  f"{first[1]}); they are kept, see WBCData.dropped['fallback']", stacklevel=3)
+
+
 def _decode_folder(root: Path, folders, size: int, workers: int | None, progress: bool,
                    min_size: int = MIN_WBC_SIDE, preprocess: Sequence[str] = ()) -> dict:
     paths, labels = [], []
@@ -318,7 +326,9 @@ def _decode_folder(root: Path, folders, size: int, workers: int | None, progress
         labels += [label] * len(files)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        results = list(tqdm(pool.map(lambda p: _decode_one(p, size, min_size, preprocess), paths), total=len(paths),
+        notes: list[list[str]] = [[] for _ in paths]  # preprocessing fallbacks, per file
+        results = list(tqdm(pool.map(lambda i: _decode_one(paths[i], size, min_size, preprocess, notes[i]),
+                                     range(len(paths))), total=len(paths),
                             desc=f"decode {root.name} @{size}px", unit="img", disable=not progress,
                             dynamic_ncols=True))
     images, keep_labels, ids, hashes, bad, small = [], [], [], [], [], []
@@ -339,6 +349,10 @@ def _decode_folder(root: Path, folders, size: int, workers: int | None, progress
                          f"(e.g. {small[0][0]}: {small[0][1]}); pass a smaller min_size if you mean it")
     dropped = {key: {p.relative_to(root).as_posix(): r for p, r in items}
                for key, items in (("unreadable", bad), ("too_small", small)) if items}
+    fallback = {p.relative_to(root).as_posix(): "; ".join(n) for p, n in zip(paths, notes, strict=True) if n}
+    if fallback:
+        dropped["fallback"] = fallback
+        warn_fallbacks(fallback, len(paths), what)
     return {"images": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
             "labels": np.asarray(keep_labels, np.int64), "ids": ids, "hashes": hashes, "dropped": dropped}
 
@@ -393,6 +407,7 @@ def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_S
                              f"(also val_*, test_*); found {sorted(z.files)}")
         images, labels, ids, hashes = [], [], [], []
         dropped_counts: dict[str, int] = defaultdict(int)
+        fallback: dict[str, str] = {}
         for part in parts:
             y = z[f"{part}_labels"].reshape(-1)
             x, scale = _npz_images(path, part, z[f"{part}_images"], len(y), min_size)
@@ -406,15 +421,22 @@ def _decode_npz(path: Path, size: int, progress: bool, min_size: int = MIN_WBC_S
                     dropped_counts[BLOODMNIST_CLASSES[lab]] += 1
                     continue
                 a = array_to_rgb(x[i], f"{path}:{part}_images[{i}]", scale)
-                a = apply_preprocess(a, preprocess) if preprocess else a
+                note: list[str] = []
+                a = apply_preprocess(a, preprocess, note) if preprocess else a
+                if note:
+                    fallback[f"{prefix}:{part}:{i}"] = "; ".join(note)
                 hashes.append(hashlib.sha1(a.tobytes()).hexdigest())
                 images.append(a if a.shape[:2] == (size, size) else square_resize(Image.fromarray(a), size))
                 labels.append(to_ours[lab])
                 ids.append(f"{prefix}:{part}:{i}")
     if not images:
         raise ValueError(f"{path}: no image of the classes {', '.join(names)} in parts {parts}")
+    dropped = {"classes": dict(dropped_counts)} if dropped_counts else {}
+    if fallback:
+        dropped["fallback"] = fallback
+        warn_fallbacks(fallback, len(images), str(path))
     return {"images": np.stack(images), "labels": np.asarray(labels, np.int64), "ids": ids, "classes": names,
-            "hashes": hashes, "dropped": {"classes": dict(dropped_counts)} if dropped_counts else {}}
+            "hashes": hashes, "dropped": dropped}
 
 
 def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None = "data/cache",
@@ -473,11 +495,15 @@ def load_wbc(path: str | os.PathLike, image_size: int, cache_dir: str | os.PathL
                 warnings.warn(f"could not write the image cache {cache} ({e}); the next load decodes "
                               f"again. Pass another cache_dir to keep it", stacklevel=2)
     else:
-        for key, what in (("unreadable", "unreadable"), ("too_small", f"smaller than {min_size} px")):
+        for key, what in (("unreadable", "unreadable ... were skipped"),
+                          ("too_small", f"smaller than {min_size} px ... were skipped"),
+                          ("fallback", "... had a preprocessing fallback (kept)")):
             if d["dropped"].get(key):
                 bad = d["dropped"][key]
-                warnings.warn(f"{len(bad)} images {what} under {src} were skipped when the cache {cache} was "
-                              f"built (e.g. {next(iter(bad))}); see WBCData.dropped[{key!r}]", stacklevel=2)
+                adj, _, verb = what.partition(" ... ")
+                warnings.warn(f"{len(bad)} images {adj + ' ' if adj else ''}under {src} {verb} when the cache "
+                              f"{cache} was built (e.g. {next(iter(bad))}); see WBCData.dropped[{key!r}]",
+                              stacklevel=2)
     data = WBCData(images=d["images"], labels=d["labels"], ids=d["ids"], hashes=d["hashes"], root=str(src),
                    image_size=image_size, dropped=d["dropped"], classes=d["classes"])
     _report(data)

@@ -152,6 +152,8 @@ class AugmentConfig:
                                                               "(1.0: no zoom; the cell stays whole)"})
     rotate: float = field(default=180.0, metadata={"help": "max rotation in degrees"})
     color: float = field(default=0.15, metadata={"help": "brightness/contrast/saturation jitter"})
+    hed: float = field(default=0.0, metadata={"help": "stain jitter in HED space (Tellez 2018): densities x "
+                                                       "U(1-hed, 1+hed) + U(-hed, hed); e.g. 0.05; 0 = off"})
 
 
 @dataclass
@@ -562,7 +564,8 @@ def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device:
     model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.model.encoder_resize, cfg.model.dropout).to(device)
     g = torch.Generator().manual_seed(cfg.seed)
     loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
-    aug = AugConfig(scale=(cfg.augment.scale_min, 1.0), rotate=cfg.augment.rotate, color=cfg.augment.color) \
+    aug = AugConfig(scale=(cfg.augment.scale_min, 1.0), rotate=cfg.augment.rotate, color=cfg.augment.color,
+                    hed=cfg.augment.hed) \
         if cfg.augment.enabled else None
     feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing,
                      cfg.optim.focal_gamma if cfg.optim.loss == "focal" else None)
