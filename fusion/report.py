@@ -301,6 +301,44 @@ def _diff_ci(p: dict, m: str) -> str:
     return f"{p[f'{m}_diff']:+.3f} {ci}"
 
 
+def _paired_lines(summary: Summary) -> list[str]:
+    md = ["| fraction | arm | versus | pairs | Δ macro-F1 [95% CI] | p | p, Holm | Δ accuracy [95% CI] |",
+          "|---|---|---|---|---|---|---|---|"]
+    for p in summary.paired:
+        md.append(f"| {fmt_pct(p['fraction'])} | {p['arm']} | {p['versus']} | {p['n_pairs']} | "
+                  f"{_diff_ci(p, 'macro_f1')} | {fmt_p(p['macro_f1_p'])} | {fmt_p(p['macro_f1_p_holm'])} | "
+                  f"{_diff_ci(p, 'accuracy')} |")
+    return md
+
+
+def external_sections(run_dir: Path) -> list[str]:
+    """One section per external set of the sweep (another lab's cells): the in-distribution tables again."""
+    from .external import external_rows
+
+    md = []
+    for name, rows in sorted(external_rows(run_dir).items()):
+        s = summarise(rows)
+        absent = sorted({c for r in rows for c in r.get("absent_classes", [])})
+        md += [f"## External set `{name}` ({rows[0]['data']}, {rows[0]['n']} images scored)", "",
+               "Every run's weights (chosen on PBC validation) scored on another lab's cells, no target labels "
+               "used. Macro-F1 over the classes the set holds" + (f"; it lacks {', '.join(absent)}" if absent else "")
+               + ".", "", "### Verdict per fraction", "", *[f"- {s.verdicts[f]}" for f in s.fractions], "",
+               "### Macro-F1 (mean ± 95% CI over seeds)", "", *_table(s, "macro_f1"), "",
+               "### Balanced accuracy", "", *_table(s, "balanced_accuracy"), "",
+               "### Paired differences (same seed)", "", *_paired_lines(s), "",
+               "### Per-class recall, mean over seeds", ""]
+        present = [c for c in s.classes if c not in absent]
+        md += ["| fraction | arm | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
+        for f in s.fractions:
+            for lab in s.labels:
+                runs = list(s.cells.get((f, lab), {}).values())
+                if runs:
+                    md.append(f"| {fmt_pct(f)} | {lab} | " + " | ".join(
+                        f"{np.mean([r['per_class'][c]['recall'] for r in runs]):.3f}" for c in present) + " |")
+        md.append("")
+    return md
+
+
 def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     n_seeds = sorted({len(v) for v in summary.cells.values()})
     try:  # a path relative to the working directory, so recorded reports do not carry this machine's paths
@@ -322,13 +360,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
     md += probe_table(run_dir, fmt_cell, fmt_pct)
     md += ["## Paired differences (same seed), macro-F1 and accuracy, paired Student-t 95% CI", "",
            f"p: paired t-test of the macro-F1 difference; Holm: adjusted over all {len(summary.paired)} "
-           f"comparisons of this sweep (family-wise error).", "",
-           "| fraction | arm | versus | pairs | Δ macro-F1 [95% CI] | p | p, Holm | Δ accuracy [95% CI] |",
-           "|---|---|---|---|---|---|---|---|"]
-    for p in summary.paired:
-        md.append(f"| {fmt_pct(p['fraction'])} | {p['arm']} | {p['versus']} | {p['n_pairs']} | "
-                  f"{_diff_ci(p, 'macro_f1')} | {fmt_p(p['macro_f1_p'])} | {fmt_p(p['macro_f1_p_holm'])} | "
-                  f"{_diff_ci(p, 'accuracy')} |")
+           f"comparisons of this sweep (family-wise error).", "", *_paired_lines(summary)]
     md += ["", "## Per-class accuracy (recall), mean over seeds", "",
            "| fraction | arm | " + " | ".join(summary.classes) + " |", "|---|---|" + "---|" * len(summary.classes)]
     for f in summary.fractions:
@@ -337,6 +369,7 @@ def render_markdown(summary: Summary, run_dir: Path, figures: list[str]) -> str:
             if runs:
                 vals = [np.mean([r["per_class"][c]["recall"] for r in runs]) for c in summary.classes]
                 md.append(f"| {fmt_pct(f)} | {lab} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    md += ["", *external_sections(Path(run_dir))]
     gated = [r for runs in summary.cells.values() for r in runs.values() if r.get("gate_weights")]
     if gated:
         md += ["", "## Mean gate weights (gated mode, test set)", "", "| fraction | arm | weights |", "|---|---|---|"]

@@ -31,6 +31,7 @@ from pretrain.utils import append_jsonl, folder_lock, read_jsonl, rewrite_jsonl
 
 from .data import WBCData, load_wbc
 from .encoders import FeatureCache
+from .external import check_external, evaluate_external
 from .models import FUSIONS
 from .sources import DEFAULT_ARMS, SourceError, config_key
 from .splits import fraction_key, load_split, make_kfold_splits, save_split, split_indices
@@ -69,6 +70,9 @@ class SweepConfig(RunConfig):
     folds: int = field(default=0, metadata={
         "help": "stratified k-fold cross-validation: k splits whose test parts are the k folds (duplicate groups "
                 "never split), every run repeated per fold; 0 = one split"})
+    external: dict = field(default_factory=dict, metadata={
+        "help": "external labelled sets to score every run on, name -> folder (YAML), e.g. {bccd: "
+                "../shared/data/bccd-wbc}: another lab's cells (fusion/external.py)"})
     rerun_changed: bool = field(default=False, metadata={
         "help": "train again the finished runs whose recorded settings differ from the requested ones "
                 "(default: list them and stop)"})
@@ -101,6 +105,7 @@ class SweepConfig(RunConfig):
             raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        self.external = check_external(self.external)
         if self.workers < 1 or self.worker_threads < 1:
             raise ValueError(f"workers and worker_threads must be >= 1, got {self.workers}, {self.worker_threads}")
 
@@ -274,6 +279,12 @@ def _load(cfg: SweepConfig, out: Path) -> tuple[WBCData, dict]:
     return data, prepare_split(cfg, data, Path(cfg.split) if cfg.split else out / "split.json", cfg.fractions)
 
 
+def _score_external(cfg: SweepConfig, out: Path, results_path: Path) -> None:
+    if cfg.external:
+        evaluate_external(out, cfg.external, read_jsonl(results_path), cfg.cache_dir or None, cfg.runtime.device,
+                          cfg.runtime.eval_batch_size)
+
+
 def run_sweep(cfg: SweepConfig, features: FeatureCache | None = None) -> Path:
     """Run every missing run of the grid; return the path of `results.jsonl`.
 
@@ -319,6 +330,7 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
     if not todo:
         if not cfg.folds:
             run_sweep_probes(cfg, out, features, lambda: _load(cfg, out))
+        _score_external(cfg, out, results_path)
         return results_path
 
     t0 = time.perf_counter()
@@ -347,5 +359,6 @@ def _run_sweep(cfg: SweepConfig, out: Path, features: FeatureCache | None) -> Pa
     bar.close()
     if not cfg.folds:  # probes run on the one split; in k-fold mode they are left out
         run_sweep_probes(cfg, out, ctx.features, lambda: (data, split))
+    _score_external(cfg, out, results_path)
     print(f"sweep finished in {(time.perf_counter() - t0) / 60:.1f} min: {results_path}")
     return results_path

@@ -97,3 +97,37 @@ def test_macenko_normalises_stained_images_and_keeps_a_blank_one():
     img = np.asarray(Image.open(sorted((PBC / "lymphocyte").iterdir())[0]).convert("RGB"))
     out = macenko(img)
     assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+
+
+def test_sweep_scores_every_run_on_external_sets_reports_them_and_reuses_the_scores(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from fusion_fakes import tiny_checkpoints, use_tiny_cam16, write_wbc_folder
+
+    from fusion.report import make_report
+    from fusion.sweep import SweepConfig, run_sweep
+    from pretrain.utils import read_jsonl
+
+    use_tiny_cam16(monkeypatch)
+    ck = tiny_checkpoints(tmp_path / "ck")
+    wbc = write_wbc_folder(tmp_path / "wbc", 8, 16)
+    lab2 = write_wbc_folder(tmp_path / "lab2", 6, 24, seed=3)  # another "lab": other images, other size
+    shutil.rmtree(lab2 / "basophil")  # ... and without basophils
+    cfg = SweepConfig(**nest(data=str(wbc), cache_dir="", val=0.25, test=0.25, image_size=16, cnn_channels=[8],
+                             epochs=1, min_steps=2, evals=1, batch_size=16, prcc_checkpoint=str(ck["prcc"]),
+                             cam16_checkpoint=str(ck["cam16"]), fractions=[1.0], arms=["scratch", "prcc"],
+                             seeds=[0, 1, 2], probes=[], out=str(tmp_path / "sw"), progress=False, device="cpu",
+                             curves=False, external={"lab2": str(lab2)}))
+    run_sweep(cfg)
+    rows = read_jsonl(tmp_path / "sw" / "external.jsonl")
+    assert len(rows) == 9 and {r["external"] for r in rows} == {"lab2"}  # scratch, prcc, random:prcc x 3 seeds
+    assert all(r["absent_classes"] == ["basophil"] and r["n"] == 24 for r in rows)
+    assert (tmp_path / "sw" / "runs" / "f1.0_prcc_sum_s0" / "external_lab2" / "metrics.json").is_file()
+    capsys.readouterr()
+    run_sweep(cfg)  # nothing new to score
+    assert len(read_jsonl(tmp_path / "sw" / "external.jsonl")) == 9 and "on lab2" not in capsys.readouterr().out
+    md = make_report(tmp_path / "sw").read_text()
+    assert "## External set `lab2`" in md and "it lacks basophil" in md and "### Balanced accuracy" in md
+    assert "| 100% | prcc | random:prcc | 3 |" in md.split("## External set")[1]
+    with pytest.raises(FileNotFoundError, match="external set 'lab3'"):
+        SweepConfig(**nest(external={"lab3": str(tmp_path / "nope")}))
