@@ -260,9 +260,24 @@ def ensemble(argv: list[str] | None = None) -> dict:
     return run_ensemble(cfg)
 
 
+def adapt(argv: list[str] | None = None) -> Path:
+    """Few-shot adaptation to another lab: fine-tune a trained model on k labelled cells per class of the
+    target set, test on the rest, against a model trained on those k cells alone.
+
+        python scripts/adapt.py --checkpoint RUN/best.pt --data ../shared/data/bccd-wbc --shots 1 3 5 10
+            --seeds 0 1 2 --out runs/adapt_bccd
+
+    Writes adapt.jsonl (resumable), fewshot.md and fewshot.png into --out.
+    """
+    from .adapt import AdaptConfig, run_adapt
+
+    cfg, _ = parse_config(AdaptConfig, argv, description=adapt.__doc__)
+    return run_adapt(cfg)
+
+
 COMMANDS: dict[str, Callable] = {f.__name__: f for f in (
     pretrain_prcc, pretrain_cam16, extract_patches, make_demo_data, make_split, train_fusion, sweep, report,
-    extract_features, evaluate, predict, eda, study, lr_find, search, ensemble)}
+    extract_features, evaluate, predict, eda, study, lr_find, search, ensemble, adapt)}
 
 
 def console() -> None:

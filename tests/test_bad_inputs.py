@@ -287,6 +287,13 @@ CASES = {
                                   "test_probs.npz does not exist"),
     "ensemble-no-match": Case("ensemble", lambda f, t: ["--runs", str(t / "nothing*")], "nothing*"),
 
+    # --- cross-lab (issue 19) ------------------------------------------------------------------------
+    "adapt-no-data": Case("adapt", lambda f, t: ["--checkpoint", str(f["ck"]["prcc"])], "--checkpoint and --data are required"),
+    "adapt-shots-0": Case("adapt", lambda f, t: ["--checkpoint", "x.pt", "--data", "d", "--shots", "0"], "shots must list"),
+    "adapt-encoder-checkpoint": Case("adapt", lambda f, t: ["--checkpoint", str(f["ck"]["prcc"]), "--data", str(f["wbc"])],
+                                     "not a trained WBC classifier"),
+    "sweep-external-missing": Case("sweep", lambda f, t: [*_sweep_args(f, t), "--config", _yaml(
+        t, f"external: {{lab2: {t / 'nolab'}}}\n")], "external set 'lab2'"),
 }
 
 

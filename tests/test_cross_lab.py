@@ -131,3 +131,41 @@ def test_sweep_scores_every_run_on_external_sets_reports_them_and_reuses_the_sco
     assert "| 100% | prcc | random:prcc | 3 |" in md.split("## External set")[1]
     with pytest.raises(FileNotFoundError, match="external set 'lab3'"):
         SweepConfig(**nest(external={"lab3": str(tmp_path / "nope")}))
+
+
+def test_draw_shots_is_nested_capped_at_half_of_each_class_and_seeded():
+    from fusion.adapt import draw_shots
+
+    labels = np.array([0] * 20 + [1] * 3 + [2] * 1)
+    small, _, _ = draw_shots(labels, 3, seed=4)
+    big, test, taken = draw_shots(labels, 10, seed=4)
+    assert taken == {0: 10, 1: 1, 2: 0}  # never more than half of a class; a lone image is test only
+    assert set(small) <= set(big) and not set(big) & set(test) and len(big) + len(test) == len(labels)
+    assert np.array_equal(draw_shots(labels, 10, seed=4)[0], big) and not np.array_equal(draw_shots(labels, 10, 5)[0], big)
+
+
+def test_few_shot_adaptation_writes_the_curve_for_finetuned_and_alone_and_resumes(tmp_path, capsys):
+    from fusion_fakes import write_wbc_folder
+
+    from fusion.adapt import AdaptConfig, run_adapt
+    from pretrain.utils import read_jsonl
+
+    src = write_wbc_folder(tmp_path / "pbc", 8, 16)
+    cfg = RunConfig(**nest(data=str(src), cache_dir="", val=0.25, test=0.25, image_size=16, cnn_channels=[8],
+                           epochs=1, min_steps=4, evals=1, batch_size=16, progress=False, curves=False,
+                           device="cpu", out=str(tmp_path / "run")))
+    train_run(cfg)
+    lab2 = write_wbc_folder(tmp_path / "lab2", 6, 20, seed=3)
+    acfg = AdaptConfig(checkpoint=str(tmp_path / "run"), data=str(lab2), out=str(tmp_path / "adapt"), shots=[1, 2],
+                       seeds=[0], steps=3, cache_dir="", device="cpu")
+    run_adapt(acfg)
+    rows = read_jsonl(tmp_path / "adapt" / "adapt.jsonl")
+    assert [(r["k"], r["mode"]) for r in rows] == [(0, "trained"), (1, "finetune"), (1, "alone"), (2, "finetune"),
+                                                   (2, "alone")]
+    assert {r["n_test"] for r in rows} == {30 - 10}  # every k tested on what k = 2 leaves
+    assert rows[3]["n_train"] == 10 and rows[3]["shots"]["basophil"] == 2
+    assert (tmp_path / "adapt" / "fewshot.png").stat().st_size > 0
+    assert "| 2 | finetune | 1 |" in (tmp_path / "adapt" / "fewshot.md").read_text()
+    capsys.readouterr()
+    run_adapt(acfg)
+    assert len(read_jsonl(tmp_path / "adapt" / "adapt.jsonl")) == 5 and "k=1" not in capsys.readouterr().out
