@@ -33,6 +33,7 @@ class EDAConfig:
     prcc_checkpoint: str = ""
     cam16_checkpoint: str = ""
     classes: list | dict | str = field(default_factory=list)
+    preprocess: list[str] = field(default_factory=list)  # e.g. [cell_crop]: the page shows the crops it made
     max_points: int = 2000
     perplexity: float = 30.0
     seed: int = 0
@@ -210,7 +211,8 @@ def _source_features(cfg: EDAConfig, images: np.ndarray) -> dict[str, np.ndarray
 def run_eda(cfg: EDAConfig) -> Path:
     """Write `eda.md`, `eda.json` and the PNGs into `cfg.out`; returns the path of `eda.md`."""
     t0 = time.time()
-    data = load_wbc(cfg.data, cfg.image_size, cache_dir=None, progress=cfg.progress, classes=cfg.classes)
+    data = load_wbc(cfg.data, cfg.image_size, cache_dir=None, progress=cfg.progress, classes=cfg.classes,
+                    preprocess=cfg.preprocess)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     classes, n_cls = tuple(data.classes), len(data.classes)
@@ -223,8 +225,9 @@ def run_eda(cfg: EDAConfig) -> Path:
           f"**{len(data)} images** in {n_cls} classes ({', '.join(classes)}) from `{data.root}`, "
           f"resized to {data.image_size}x{data.image_size} px. "
           f"Exact duplicates: {len(groups)} groups ({summary['duplicate_files']} files).", ""]
-    if data.dropped:
-        md += ["Left out while loading: " + ", ".join(f"{k}: {len(v)}" for k, v in data.dropped.items()), ""]
+    left_out = {k: v for k, v in data.dropped.items() if k != "fallback"}  # fallbacks are kept
+    if left_out:
+        md += ["Left out while loading: " + ", ".join(f"{k}: {len(v)}" for k, v in left_out.items()), ""]
 
     def figure(name: str, caption: str) -> None:
         md.extend([f"![{caption}]({name})", "", f"*{caption}*", ""])
@@ -249,6 +252,9 @@ def run_eda(cfg: EDAConfig) -> Path:
                       np.zeros(data.images.shape[1:]) for c, name in enumerate(classes)])
     plot_means(means, classes, out / "mean_images.png")
     figure("mean_images.png", "Mean image per class.")
+
+    if cfg.preprocess:
+        md += _preprocess_section(cfg, data, picks, out, figure)
 
     # colour
     md += ["## Colour", ""]
@@ -313,6 +319,39 @@ def run_eda(cfg: EDAConfig) -> Path:
     page = out / "eda.md"
     page.write_text("\n".join(md))
     return page
+
+
+def _preprocess_section(cfg: EDAConfig, data: WBCData, picks: list[np.ndarray], out: Path, figure) -> list[str]:
+    """The montage images before preprocessing beside what the steps made of them (e.g. cell_crop's crops),
+    and the images a step fell back on."""
+    from .data import load_wbc
+
+    plain = load_wbc(cfg.data, cfg.image_size, cache_dir=None, progress=False, classes=cfg.classes)
+    where = {i: k for k, i in enumerate(plain.ids)}
+    md = [f"## Preprocessing: {', '.join(cfg.preprocess)}", "",
+          "Each pair: the image as decoded (centre square), then after the steps, as the model sees it.", ""]
+    rows = np.concatenate(picks)
+    pairs = np.stack([x for i in rows for x in (plain.images[where[data.ids[i]]], data.images[i])])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 2 * MONTAGE_PER_CLASS
+    n_rows = int(np.ceil(len(pairs) / cols))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 1.0, n_rows * 1.05), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im in zip(axes.flat, pairs, strict=False):
+        ax.imshow(im)
+    fig.tight_layout(pad=0.1)
+    fig.savefig(out / "preprocess_pairs.png", dpi=100)
+    plt.close(fig)
+    figure("preprocess_pairs.png", f"Montage images before / after {', '.join(cfg.preprocess)} (one row per class).")
+    fallback = data.dropped.get("fallback") or {}
+    md += [f"Fallbacks: {len(fallback)} of {len(data)} images"
+           + (": " + ", ".join(f"`{k}` ({v})" for k, v in list(fallback.items())[:10]) if fallback else "") + ".", ""]
+    return md
 
 
 def _slug(name: str) -> str:

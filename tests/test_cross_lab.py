@@ -169,3 +169,19 @@ def test_few_shot_adaptation_writes_the_curve_for_finetuned_and_alone_and_resume
     capsys.readouterr()
     run_adapt(acfg)
     assert len(read_jsonl(tmp_path / "adapt" / "adapt.jsonl")) == 5 and "k=1" not in capsys.readouterr().out
+
+
+def test_eda_page_shows_the_crops_cell_crop_made_and_its_fallbacks(tmp_path):
+    from fusion.eda import EDAConfig, run_eda
+
+    root = tmp_path / "wbc"
+    for k, c in enumerate(("basophil", "eosinophil")):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(_cell(60, 90, 30, 30 + 10 * i, 8 + i + 4 * k)).save(root / c / f"cell{i}.png")
+    Image.fromarray(np.full((60, 80, 3), 220, np.uint8)).save(root / "eosinophil" / "blank.png")
+    with pytest.warns(UserWarning, match="fell back"):
+        md = run_eda(EDAConfig(data=str(root), out=str(tmp_path / "eda"), image_size=16, preprocess=["cell_crop"],
+                               progress=False, perplexity=3)).read_text()
+    assert "## Preprocessing: cell_crop" in md and "Fallbacks: 1 of 9 images: `eosinophil/blank.png`" in md
+    assert (tmp_path / "eda" / "preprocess_pairs.png").stat().st_size > 0 and "Left out" not in md
