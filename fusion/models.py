@@ -17,7 +17,6 @@ are cloned into normal tensors before the trainable heads.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,15 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.layers import IMAGENET_MEAN, IMAGENET_STD, kaiming_init
-
-
-def _group_norm(c: int, groups: int = 8) -> nn.GroupNorm:
-    g = math.gcd(c, groups)
-    return nn.GroupNorm(g, c)
-
-
-NORMS = {"batch": nn.BatchNorm2d, "group": _group_norm, "layer": lambda c: nn.GroupNorm(1, c)}
+from pretrain.layers import IMAGENET_MEAN, IMAGENET_STD, NORMS, kaiming_init
 
 
 @dataclass

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+def group_norm(channels: int, groups: int = 8) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups, or the largest divisor of `channels` below it."""
+    return nn.GroupNorm(math.gcd(channels, groups), channels)
+
+
+def layer_norm(channels: int) -> nn.GroupNorm:
+    """LayerNorm over channels and space of a (B, C, H, W) map: GroupNorm with one group."""
+    return nn.GroupNorm(1, channels)
+
+
+# the normalisation layer of a conv block by name: batch statistics (the default), or none (group, layer),
+# a known point of failure when another lab's images shift the statistics
+NORMS = {"batch": nn.BatchNorm2d, "group": group_norm, "layer": layer_norm}
 
 
 def kaiming_init(module: nn.Module) -> None:

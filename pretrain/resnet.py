@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoint import FORMAT, register_kind
 from .config import config_from_dict
-from .layers import IMAGENET_MEAN, IMAGENET_STD, kaiming_init
+from .layers import IMAGENET_MEAN, IMAGENET_STD, NORMS, kaiming_init
 
 # name -> (torchvision builder, pre-logits feature width)
 ARCHS: dict[str, tuple[Callable[..., tvm.ResNet], int]] = {
@@ -49,6 +49,7 @@ class ResNetConfig:
             (e.g. `resnet18-f37072fd.pth`, its 1000-class `fc` is skipped when `num_classes`
             differs) or one of our `cam16_resnet` checkpoints. None: Kaiming initialisation.
         mean, std: per-channel normalisation applied inside `forward` to inputs in [0, 1].
+        norm: normalisation layers, one of `pretrain.layers.NORMS` (batch, group, layer).
     """
 
     arch: str = "resnet18"
@@ -57,8 +58,11 @@ class ResNetConfig:
     weights_path: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    norm: str = "batch"
 
     def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown normalisation layer {self.norm!r}; valid: {list(NORMS)}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown ResNet arch {self.arch!r}; valid archs: {sorted(ARCHS)}")
         if int(self.num_classes) < 1:
@@ -86,7 +90,7 @@ class Cam16ResNet(nn.Module):
             config = ResNetConfig(**{**asdict(config), **kwargs})
         self.config = config
         builder, width = ARCHS[config.arch]
-        net = builder(weights=None)  # never downloads: weights=None
+        net = builder(weights=None, norm_layer=NORMS[config.norm])  # never downloads: weights=None
         for name in _PARTS:
             setattr(self, name, getattr(net, name))
         self.fc = nn.Linear(width, config.num_classes)

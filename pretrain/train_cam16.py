@@ -56,6 +56,7 @@ class Cam16Config:
     out: str = "checkpoints/cam16_resnet.pt"  # best-on-validation checkpoint
     run_dir: str = "runs/cam16"  # logs, plots, metrics
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50
+    norm: str = "batch"  # batch | group | layer: the ResNet's normalisation layers
     image_size: int = 96  # patches are resized to S x S pixels (once, when held in memory)
     epochs: int = 10
     batch_size: int = 64
@@ -94,7 +95,7 @@ class Cam16Config:
 
     def model_config(self) -> ResNetConfig:
         return ResNetConfig(arch=self.arch, num_classes=len(CLASSES), input_size=self.image_size,
-                            weights_path=self.weights_path or None)
+                            weights_path=self.weights_path or None, norm=self.norm)
 
 
 class PatchTransform:

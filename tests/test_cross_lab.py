@@ -185,3 +185,15 @@ def test_eda_page_shows_the_crops_cell_crop_made_and_its_fallbacks(tmp_path):
                                progress=False, perplexity=3)).read_text()
     assert "## Preprocessing: cell_crop" in md and "Fallbacks: 1 of 9 images: `eosinophil/blank.png`" in md
     assert (tmp_path / "eda" / "preprocess_pairs.png").stat().st_size > 0 and "Left out" not in md
+
+
+def test_cam16_resnet_with_group_norm_has_no_batch_statistics():
+    from pretrain.resnet import Cam16ResNet, ResNetConfig
+    from pretrain.train_cam16 import Cam16Config
+
+    net = Cam16ResNet(ResNetConfig(arch="resnet18", input_size=32, norm="group"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert net.encode(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+    assert Cam16Config(norm="layer").model_config().norm == "layer"
+    with pytest.raises(ValueError, match=r"unknown normalisation layer 'instance'"):
+        ResNetConfig(norm="instance")
