@@ -50,6 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--skip-fewshot", action="store_true")
+    p.add_argument("--fractions", nargs="*", type=float, default=None, help="run only these fractions first")
     args = p.parse_args()
     cfg = load_yaml(HERE / "config.yaml")
     work = Path(cfg["work"])
@@ -59,6 +60,8 @@ def main() -> None:
     for name in names:
         d = merge(cfg["base"], cfg["variants"][name])
         d["out"] = str(work / name)
+        if args.fractions:
+            d["fractions"] = args.fractions
         t = time.perf_counter()
         run_sweep(config_from_dict(SweepConfig, d, source=f"variant {name}"))
         make_report(work / name)
