@@ -34,6 +34,25 @@ from pretrain.utils import read_jsonl  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+def ensure_encoders() -> None:
+    """The real study's two encoders in runs/real_study/checkpoints/: its `prcc` and `cam16` stages
+    (benchmarks/real_study/config.yaml), run here when the files are missing (about 20 min on 2 cores)."""
+    from fusion.study import _resolve
+    from pretrain.train_cam16 import Cam16Config, fit_cam16
+    from pretrain.train_prcc import PRCCConfig, fit_prcc
+
+    study = load_yaml(ROOT / "benchmarks" / "real_study" / "config.yaml")
+    work = Path("runs/real_study").resolve()
+    study = _resolve(copy.deepcopy(study), {"shared": str(Path(study["shared"]).resolve()), "work": str(work)})
+    ck = work / "checkpoints"
+    if not (ck / "prcc_autoencoder.pt").is_file():
+        fit_prcc(config_from_dict(PRCCConfig, {**study["prcc"], "out": str(ck / "prcc_autoencoder.pt"),
+                                               "run_dir": str(work / "prcc")}))
+    if not (ck / "cam16_resnet.pt").is_file():
+        fit_cam16(config_from_dict(Cam16Config, {**study["cam16"], "out": str(ck / "cam16_resnet.pt"),
+                                                 "run_dir": str(work / "cam16")}))
+
+
 def merge(base: dict, change: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in change.items():
@@ -56,6 +75,7 @@ def main() -> None:
     work = Path(cfg["work"])
     names = args.variants or list(cfg["variants"])
     t0 = time.perf_counter()
+    ensure_encoders()
     res, ext = {}, {}
     for name in names:
         d = merge(cfg["base"], cfg["variants"][name])
