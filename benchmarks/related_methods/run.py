@@ -10,7 +10,7 @@
     .venv/bin/python benchmarks/related_methods/run.py [--trials 20] [--work runs/related]
 
 Resumable (every step reuses finished runs and trials). Writes benchmarks/related_methods/record/:
-summary.md (the tables), each sweep's report.md and results.jsonl, the search's trials.csv, search.json,
+summary.md (the tables), each sweep's results.jsonl (its report: scripts/report.py runs/related/<name>), the search's trials.csv, search.json,
 search.png and best_sweep.yaml.
 """
 
@@ -98,7 +98,7 @@ def main() -> None:
     clahe = sweep(base, work, "clahe", fractions=[0.01], preprocess=["clahe"])
     kfold = sweep({k: v for k, v in base.items() if k != "split"}, work, "kfold5", fractions=[0.1], seeds=[0], folds=5)
     t_search = time.perf_counter()
-    s = run_search(SearchConfig(sweep=str(base_path), out=str(work / "search"), trials=args.trials, fraction=0.01,
+    s = run_search(SearchConfig(sweep=str(base_path.relative_to(ROOT)), out=str(work / "search"), trials=args.trials, fraction=0.01,
                                 seed=0, sampler_seed=0))
     search_s = time.perf_counter() - t_search
     tuned_cfg = yaml.safe_load((work / "search" / "best_sweep.yaml").read_text())
@@ -107,8 +107,7 @@ def main() -> None:
     rec = HERE / "record"
     rec.mkdir(exist_ok=True)
     for folder in (default, balanced, clahe, kfold, tuned):
-        for f in ("report.md", "results.jsonl"):
-            shutil.copyfile(folder / f, rec / f"{folder.name}_{f}")
+        shutil.copyfile(folder / "results.jsonl", rec / f"{folder.name}_results.jsonl")
     for f in ("trials.csv", "search.json", "search.png", "best_sweep.yaml"):
         shutil.copyfile(work / "search" / f, rec / f"search_{f}")
     kf = [r["macro_f1"] for r in rows(kfold).values()]
