@@ -172,7 +172,8 @@ def summarise(rows: list[dict]) -> Summary:
     verdicts = {f: verdict(f, [p for p in paired if p["fraction"] == f], labels) for f in fractions}
     for f in fractions:
         if arch := architecture_verdict(f, [p for p in paired if p["fraction"] == f and p["kind"] == "architecture"]):
-            verdicts[f] += " " + arch
+            no_sources = verdicts[f].endswith("nothing to judge.")  # an architecture-only sweep
+            verdicts[f] = arch if no_sources else f"{verdicts[f]} {arch}"
     classes = tuple(next((r["classes"] for r in ok if r.get("classes")), CLASSES))
     return Summary(labels, modes, fractions, dict(cells), failed, paired, verdicts, classes)
 
