@@ -10,7 +10,7 @@
     .venv/bin/python benchmarks/related_methods/run.py [--trials 20] [--work runs/related]
 
 Resumable (every step reuses finished runs and trials). Writes benchmarks/related_methods/record/:
-summary.md (the tables), each sweep's results.jsonl (its report: scripts/report.py runs/related/<name>), the search's trials.csv, search.json,
+summary.md (the tables), results.jsonl (every sweep's rows, with a "sweep" key; a sweep's report: scripts/report.py runs/related/<name>), the search's trials.csv, search.json,
 search.png and best_sweep.yaml.
 """
 
@@ -106,8 +106,9 @@ def main() -> None:
 
     rec = HERE / "record"
     rec.mkdir(exist_ok=True)
-    for folder in (default, balanced, clahe, kfold, tuned):
-        shutil.copyfile(folder / "results.jsonl", rec / f"{folder.name}_results.jsonl")
+    with open(rec / "results.jsonl", "w") as fh:  # every sweep's rows, with the sweep's name
+        for folder in (default, balanced, clahe, kfold, tuned):
+            fh.writelines(json.dumps({"sweep": folder.name, **r}) + "\n" for r in load_results(folder))
     for f in ("trials.csv", "search.json", "search.png", "best_sweep.yaml"):
         shutil.copyfile(work / "search" / f, rec / f"search_{f}")
     kf = [r["macro_f1"] for r in rows(kfold).values()]
