@@ -25,12 +25,20 @@ import torch
 
 from pretrain.utils import append_jsonl, atomic_write_text, get_device, read_jsonl, seed_everything
 
-from .augment import AugConfig
 from .data import load_wbc
 from .encoders import build_fusion_model, images_to_tensor
 from .evaluate import load_classifier, match_classes, score
 from .metrics import mean_ci
-from .train import _Feeder, make_optimizer, predict, recalibrate_bn, warmup_cosine
+from .train import (
+    AugmentConfig,
+    OptimConfig,
+    _Feeder,
+    aug_config,
+    make_optimizer,
+    predict,
+    recalibrate_bn,
+    warmup_cosine,
+)
 
 
 @dataclass
@@ -73,13 +81,10 @@ def draw_shots(labels: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def _fit(model, images, labels, rows, recipe: dict, steps: int, lr: float, bs: int, seed: int, device) -> None:
-    aug_cfg = recipe.get("augment") or {}
-    aug = AugConfig(scale=(aug_cfg.get("scale_min", 1.0), 1.0), rotate=aug_cfg.get("rotate", 180.0),
-                    color=aug_cfg.get("color", 0.15), hed=aug_cfg.get("hed", 0.0)) \
-        if aug_cfg.get("enabled", True) else None
+    aug = aug_config(AugmentConfig(**(recipe.get("augment") or {})))  # the checkpoint's own augmentation
     g = torch.Generator().manual_seed(seed)
     feeder = _Feeder(images, labels, {}, aug, g, None, (recipe.get("optim") or {}).get("label_smoothing", 0.0))
-    optimizer = make_optimizer(model.parameters(), _optim(lr))
+    optimizer = make_optimizer(model.parameters(), OptimConfig(lr=lr, weight_decay=0.05))
     sched = warmup_cosine(optimizer, steps, 0.05)
     rows_t = torch.as_tensor(rows)
     bs = max(1, min(bs, len(rows)))
@@ -93,12 +98,6 @@ def _fit(model, images, labels, rows, recipe: dict, steps: int, lr: float, bs: i
         sched.step()
     recalibrate_bn(model.cnn, images, rows_t, device, bs, len(rows))
     model.eval()
-
-
-def _optim(lr: float):
-    from .train import OptimConfig
-
-    return OptimConfig(lr=lr, weight_decay=0.05)
 
 
 def _score(model, images, y, rows, classes, device) -> dict:

@@ -152,6 +152,23 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
             "predicted_as_absent": dict(sorted(absent.items()))}
 
 
+def score_data(model: torch.nn.Module, info: dict, data, device: torch.device, batch_size: int) -> dict:
+    """Score `model` (from `load_classifier`) on a loaded labelled set: classes matched by name, images of
+    unknown classes left out. Returns {"report": `score`, "probs": (N, C), "pred": (N,), "keep": (N,) bool,
+    "index": model class of each data class or None, "unknown": {data class: images}}."""
+    classes = info["classes"]
+    index = match_classes(list(data.classes), classes, info["aliases"], data.root, info["checkpoint"])
+    counts = data.class_counts()
+    unknown = {c: counts[c] for c, i in zip(data.classes, index, strict=True) if i is None}
+    probs = predict_proba(model, data.images, device, batch_size)  # (N, C)
+    pred = probs.argmax(1)
+    to_model = np.array([-1 if i is None else i for i in index], dtype=np.int64)
+    y = to_model[data.labels]  # (N,) model class index, -1 = unknown class
+    keep = y >= 0
+    return {"report": score(y[keep], pred[keep], classes), "probs": probs, "pred": pred, "keep": keep,
+            "index": index, "unknown": unknown}
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
@@ -177,19 +194,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     data = load_wbc(cfg.data, info["image_size"], cache_dir=None, progress=cfg.progress,
                     preprocess=info["preprocess"])
     classes = info["classes"]
-    index = match_classes(list(data.classes), classes, info["aliases"], data.root, info["checkpoint"])
-    counts = data.class_counts()
-    unknown = {c: counts[c] for c, i in zip(data.classes, index, strict=True) if i is None}
+    scored = score_data(model, info, data, device, cfg.batch_size)
+    index, unknown, probs, pred, keep = (scored[k] for k in ("index", "unknown", "probs", "pred", "keep"))
+    report = scored["report"]
     if unknown:
         warnings.warn(f"{data.root}: left {sum(unknown.values())} images of classes the model does not know out of "
                       f"the metrics ({', '.join(f'{c} {n}' for c, n in unknown.items())}); it knows "
                       f"{', '.join(classes)}", stacklevel=2)
-    probs = predict_proba(model, data.images, device, cfg.batch_size)  # (N, C)
-    pred = probs.argmax(1)
-    to_model = np.array([-1 if i is None else i for i in index], dtype=np.int64)
-    y = to_model[data.labels]  # (N,) model class index, -1 = unknown class
-    keep = y >= 0
-    report = score(y[keep], pred[keep], classes)
     src = Path(data.root)
     out = Path(cfg.out) if cfg.out else Path(info["checkpoint"]).parent / f"eval_{src.stem if src.is_file() else src.name}"
     report = {"checkpoint": info["checkpoint"], "checkpoint_sha256": info["sha256"], "arm": info["arm"],

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from pretrain.utils import append_jsonl, get_device, read_jsonl, sha256_file
 
 from .data import load_wbc
@@ -41,7 +39,7 @@ def check_external(external: dict) -> dict[str, str]:
 def evaluate_external(out: Path, external: dict[str, str], rows: list[dict], cache_dir: str | None = None,
                       device: str = "auto", batch_size: int = 128) -> Path:
     """Score every ok run of `rows` on every set of `external` not scored yet; return external.jsonl."""
-    from .evaluate import load_classifier, match_classes, predict_proba, score
+    from .evaluate import load_classifier, score_data
 
     path = out / "external.jsonl"
     done = {(r["run"], r["external"]): r.get("checkpoint_sha256") for r in read_jsonl(path)}
@@ -60,12 +58,7 @@ def evaluate_external(out: Path, external: dict[str, str], rows: list[dict], cac
                 loaded[key] = load_wbc(folder, info["image_size"], cache_dir, progress=False,
                                        preprocess=info["preprocess"])
             data = loaded[key]
-            index = match_classes(list(data.classes), info["classes"], info["aliases"], data.root, str(ckpt))
-            to_model = [-1 if i is None else i for i in index]
-            y = [to_model[int(v)] for v in data.labels]
-            keep = [i for i, v in enumerate(y) if v >= 0]
-            probs = predict_proba(model, data.images[keep], dev, batch_size)
-            m = score(np.asarray([y[i] for i in keep]), probs.argmax(1), info["classes"])
+            m = score_data(model, info, data, dev, batch_size)["report"]
             res = {**{k: r[k] for k in KEEP if k in r}, "external": name, "data": data.root, "checkpoint_sha256": sha,
                    "n": m["n"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
                    "macro_f1": m["macro_f1"], "macro_f1_over": m["macro_f1_over"], "per_class": m["per_class"],

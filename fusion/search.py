@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.config import _set_dotted as set_dotted
 from pretrain.config import config_from_dict, load_yaml, to_plain
 from pretrain.engine import autocast
 from pretrain.utils import atomic_write_json, atomic_write_text, get_device
@@ -248,17 +249,12 @@ class SearchConfig:
         parse_space(self.space)
 
 
-def _set(d: dict, dotted: str, value: Any) -> None:
-    section, _, key = dotted.partition(".")
-    d.setdefault(section, {})[key] = value
-
-
 def trial_config(sweep_cfg, cfg: SearchConfig, params: dict, out: Path) -> RunConfig:
     """The validation-only RunConfig of one trial: the sweep's run settings with the trial's values."""
     base = {f.name: getattr(sweep_cfg, f.name) for f in dataclasses.fields(RunConfig)}
     sections = {k: to_plain(base[k]) for k in (*SECTIONS, "runtime")}
     for key, value in params.items():
-        _set(sections, key, value)
+        set_dotted(sections, key, value)
     sections["runtime"].update({"eval_test": False, "progress": cfg.progress, "curves": False})
     return RunConfig(**{**base, **sections, "fraction": cfg.fraction or float(sweep_cfg.fractions[0]),
                         "arm": cfg.arm, "seed": cfg.seed if cfg.seed >= 0 else int(sweep_cfg.seeds[0]),
@@ -349,7 +345,7 @@ def write_outputs(study, cfg: SearchConfig, raw: dict, sweep_cfg, out: Path) -> 
     best = study.best_trial
     tuned = copy.deepcopy(raw)
     for k, v in best.params.items():
-        _set(tuned, k, v)
+        set_dotted(tuned, k, v)
     tuned["out"] = str(raw.get("out", sweep_cfg.out)).rstrip("/") + "_tuned"
     header = (f"# {cfg.sweep} with the best of {len(trials)} Optuna trials ({out}/trials.csv): trial {best.number}, "
               f"validation macro-F1 {best.value:.4f}\n# at fraction {cfg.fraction or sweep_cfg.fractions[0]}, arm "

@@ -524,6 +524,11 @@ def _val_only_twin(cfg: RunConfig, run_dir: Path) -> FitResult | None:
                      seconds=done["seconds"])
 
 
+def aug_config(a: AugmentConfig) -> AugConfig | None:
+    """The batched augmentation of a run's `augment:` section (None when disabled)."""
+    return AugConfig(scale=(a.scale_min, 1.0), rotate=a.rotate, color=a.color, hed=a.hed) if a.enabled else None
+
+
 @dataclass
 class Trainer:
     """What a run trains: the model (classifier + frozen encoders), the batch feeder and the data it reads."""
@@ -564,9 +569,7 @@ def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device:
     model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.model.encoder_resize, cfg.model.dropout).to(device)
     g = torch.Generator().manual_seed(cfg.seed)
     loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
-    aug = AugConfig(scale=(cfg.augment.scale_min, 1.0), rotate=cfg.augment.rotate, color=cfg.augment.color,
-                    hed=cfg.augment.hed) \
-        if cfg.augment.enabled else None
+    aug = aug_config(cfg.augment)
     feeder = _Feeder(images, labels, feats, aug, g, loss_weight, cfg.optim.label_smoothing,
                      cfg.optim.focal_gamma if cfg.optim.loss == "focal" else None)
     return Trainer(model, feeder, images, labels, feats, loss_weight, g)
