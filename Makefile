@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,distributed]'
 	$(PY) -c "import torch, torchvision, openslide, h5py, albumentations, sklearn; print('venv ready: torch', torch.__version__, '| openslide', openslide.__library_version__)"
 	touch $(STAMP)
 

@@ -109,9 +109,11 @@ def sweep(argv: list[str] | None = None) -> Path:
     """Run a fusion sweep: label fractions x arms x seeds (x fusion modes), one folder per run.
 
         python scripts/sweep.py --config configs/demo_sweep.yaml [--seeds 0 1 2] [--overwrite true]
+            [--workers 2 --worker-threads 1 | --launcher ray [--ray-address auto] [--ray-gpus 0.25]]
 
     Rerunning the same command resumes: finished runs made with the same settings are reused; runs
     made with other settings are listed and the sweep stops (--rerun-changed true trains them again).
+    --launcher ray trains each run as a Ray task (pip install '.[distributed]'; see fusion/launch.py).
     """
     from .sweep import SweepConfig, run_sweep
 

@@ -233,14 +233,16 @@ class FusionModel(nn.Module):
         `feats` may carry precomputed source latents {source: (B, D_s)}; missing ones are computed
         from `x` by the frozen encoders.
         """
-        f = self.cnn.forward_features(x)  # (B, F)
-        logits = self.cnn.forward_head(f)  # (B, C)
-        if self.fusion is None:
-            return logits
         feats = dict(feats or {})
-        if any(s not in feats for s in self.sources):
+        if self.fusion is not None and any(s not in feats for s in self.sources):
             feats = {**self.encode_sources(x), **feats}
-        return self.fusion(f, logits, feats)
+        return self.forward_head(self.cnn.forward_features(x), feats)
+
+    def forward_head(self, f: torch.Tensor, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, F) CNN features and {source: (B, D_s)} latents -> (B, C) logits (batched runs call it on
+        features computed elsewhere, fusion/batched.py)."""
+        logits = self.cnn.forward_head(f)  # (B, C)
+        return logits if self.fusion is None else self.fusion(f, logits, feats)
 
 
 def resize_for_encoder(enc: nn.Module, x: torch.Tensor, allow: bool = True, name: str = "") -> torch.Tensor:

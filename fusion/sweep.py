@@ -15,6 +15,7 @@ The run list is deterministic and `run_one(spec, ctx)` trains one run from a `Ru
 one run at a time on two threads (benchmarks/real_study/NOTES.md); it pays off with more
 cores. A run's numbers depend on its thread count (recorded as `torch_threads`), not on which process
 or in which order it ran. Each worker process computes the frozen features it needs once for itself.
+`launcher: ray` trains the runs as Ray tasks instead, on this machine or a Ray cluster (fusion/launch.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pretrain.config import save_config
+from pretrain.raytasks import check_launcher
 from pretrain.utils import append_jsonl, folder_lock, read_jsonl, rewrite_jsonl
 
 from .data import WBCData, load_wbc
@@ -63,8 +65,19 @@ class SweepConfig(RunConfig):
                 "there with the same settings is tested from its weights instead of trained again"})
     workers: int = field(default=1, metadata={"help": "runs trained at once, each in its own process with "
                                                      "`worker_threads` torch threads; 1 = in this process"})
-    worker_threads: int = field(default=1, metadata={"help": "torch threads per worker process (workers > 1). "
-                                                            "CPU results depend on the thread count"})
+    worker_threads: int = field(default=1, metadata={"help": "torch threads per worker process (workers > 1) or "
+                                                            "Ray task. CPU results depend on the thread count"})
+    launcher: str = field(default="local", metadata={
+        "help": "local: runs in this process or `workers` processes; ray: one Ray task per run (fusion/launch.py)"})
+    ray_address: str = field(default="", metadata={
+        "help": "Ray cluster for --launcher ray: auto (the one started on this node), HOST:6379; empty: "
+                "$RAY_ADDRESS, else a local instance on this machine's CPUs"})
+    batch_runs: int = field(default=1, metadata={
+        "help": "train up to this many runs that differ only by seed at once, as one batched model (grouped "
+                "convolutions, fusion/batched.py); 1 = one run at a time"})
+    ray_cpus: float = field(default=1.0, metadata={"help": "CPUs each Ray task reserves"})
+    ray_gpus: float = field(default=0.0, metadata={"help": "GPUs each Ray task reserves; a fraction (0.25) lets "
+                                                           "tasks share a GPU"})
     probes: list[str] = field(default_factory=lambda: ["linear", "knn"], metadata={
         "help": "frozen-feature probes per source and fraction (linear, knn); [] for none"})
     folds: int = field(default=0, metadata={
@@ -108,6 +121,11 @@ class SweepConfig(RunConfig):
         self.external = check_external(self.external)
         if self.workers < 1 or self.worker_threads < 1:
             raise ValueError(f"workers and worker_threads must be >= 1, got {self.workers}, {self.worker_threads}")
+        check_launcher(self.launcher)
+        if self.batch_runs < 1:
+            raise ValueError(f"batch_runs must be >= 1, got {self.batch_runs}")
+        if self.ray_cpus < 0 or self.ray_gpus < 0:
+            raise ValueError(f"ray_cpus and ray_gpus must be >= 0, got {self.ray_cpus}, {self.ray_gpus}")
 
 
 @dataclass
@@ -152,45 +170,72 @@ def run_specs(cfg: SweepConfig) -> list[RunConfig]:
 
 
 def run_one(spec: RunConfig, ctx: SweepContext | None = None) -> dict:
-    """Train (or, when finished before, read back) one run; the seam a distributed engine would map."""
+    """Train (or, when finished before, read back) one run."""
     if ctx is None:
         return train_run(spec)
     return train_run(spec, data=ctx.data, split=ctx.splits.get(spec.split, ctx.split), features=ctx.features)
 
 
+def run_unit(unit: list[RunConfig], ctx: SweepContext | None = None) -> list[dict]:
+    """Train one unit of work (`fusion.batched.make_units`): a run alone, or a group of runs trained at once
+    as one batched model; the seam every launcher maps (this process, worker processes, Ray tasks)."""
+    if len(unit) == 1:
+        return [run_one(unit[0], ctx)]
+    from .batched import train_group
+
+    if ctx is None:
+        return train_group(unit)
+    return train_group(unit, ctx.data, ctx.splits.get(unit[0].split, ctx.split), ctx.features)
+
+
 _WORKER_CTX: SweepContext | None = None  # set in each worker process by _init_worker
 
 
-def _init_worker(cfg: SweepConfig, split_paths: list[str]) -> None:
-    """Worker process start: fix its thread count, load the images (from the cache) and the saved split once."""
+def worker_context(cfg: SweepConfig, split_paths: list[str]) -> SweepContext:
+    """A worker's own context (a pool process or a Ray task): its torch thread count fixed to
+    `worker_threads`, the images loaded from the decode-once cache and the splits from the driver's files."""
     import torch
 
-    global _WORKER_CTX
     torch.set_num_threads(cfg.worker_threads)
     data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=False, classes=cfg.classes,
                     preprocess=cfg.preprocess)
     splits = {p: load_split(p) for p in split_paths}
-    _WORKER_CTX = SweepContext(data, next(iter(splits.values())), splits=splits)
+    return SweepContext(data, next(iter(splits.values())), splits=splits)
 
 
-def _run_in_worker(spec: RunConfig) -> dict:
-    return run_one(spec, _WORKER_CTX)
+def _init_worker(cfg: SweepConfig, split_paths: list[str]) -> None:
+    """Worker process start: load its context once."""
+    global _WORKER_CTX
+    _WORKER_CTX = worker_context(cfg, split_paths)
+
+
+def _run_in_worker(unit: list[RunConfig]) -> list[dict]:
+    return run_unit(unit, _WORKER_CTX)
 
 
 def _results(todo: list[RunConfig], cfg: SweepConfig, ctx: SweepContext, split_paths: list[str]):
     """Yield each todo run's result: in order in this process, or as they finish across `cfg.workers`
-    processes (spawned, so a CUDA context or threads of this process are never forked)."""
+    processes (spawned, so a CUDA context or threads of this process are never forked) or Ray tasks.
+    With `batch_runs` > 1 the runs go in units of up to that many runs trained at once (fusion/batched.py)."""
+    from .batched import make_units
+
+    units = make_units(todo, cfg.batch_runs)
+    if cfg.launcher == "ray":
+        from .launch import ray_results
+
+        yield from ray_results(units, cfg, split_paths)
+        return
     if cfg.workers == 1:
-        for spec in todo:
-            yield run_one(spec, ctx)
+        for unit in units:
+            yield from run_unit(unit, ctx)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(cfg, split_paths)) as pool:
-        for fut in as_completed([pool.submit(_run_in_worker, spec) for spec in todo]):
-            yield fut.result()
+        for fut in as_completed([pool.submit(_run_in_worker, unit) for unit in units]):
+            yield from fut.result()
 
 
 def planned_work(todo: list[RunConfig], split: dict, data: WBCData, splits: dict | None = None) -> dict[str, int]:

@@ -352,22 +352,28 @@ class _Feeder:
         self.focal_gamma = focal_gamma  # None: cross-entropy
         self.size: int | None = None  # progressive resizing: the side training batches are resized to
 
-    def step(self, model: FusionModel, rows: torch.Tensor, device: torch.device):
+    def batch(self, rows: torch.Tensor, device: torch.device, training: bool):
+        """Images (B, 3, S, S) float in [0, 1] (augmented and resized when `training`), labels (B,) and the
+        precomputed source features {source: (B, D)} of `rows`, on `device`."""
         x = self.images[rows].to(device, non_blocking=True).float().div_(255)
-        if self.aug is not None and model.training:
+        if self.aug is not None and training:
             x = augment(x, self.aug, self.g)
-        if self.size is not None and model.training and self.size != x.shape[-1]:
+        if self.size is not None and training and self.size != x.shape[-1]:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        y = self.labels[rows].to(device)
-        feats = {s: f[rows].to(device) for s, f in self.feats.items()}
-        logits = model(x, feats or None)
-        w = self.loss_weight.to(device) if self.loss_weight is not None else None
+        return x, self.labels[rows].to(device), {s: f[rows].to(device) for s, f in self.feats.items()}
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The run's loss of (B, C) logits: weighted, smoothed cross-entropy, or the focal loss."""
+        w = self.loss_weight.to(logits.device) if self.loss_weight is not None else None
         if self.focal_gamma is None:
-            loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.smoothing)
-        else:
-            loss = focal_loss(logits.float(), y, weight=w, gamma=self.focal_gamma, label_smoothing=self.smoothing)
-        acc = (logits.argmax(1) == y).float().mean().item()
-        return loss, len(rows), {"acc": acc}
+            return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.smoothing)
+        return focal_loss(logits.float(), y, weight=w, gamma=self.focal_gamma, label_smoothing=self.smoothing)
+
+    def step(self, model: FusionModel, rows: torch.Tensor, device: torch.device):
+        x, y, feats = self.batch(rows, device, model.training)
+        logits = model(x, feats or None)
+        loss = self.loss(logits, y)
+        return loss, len(rows), {"acc": (logits.argmax(1) == y).float().mean().item()}
 
 
 @torch.no_grad()
@@ -439,7 +445,7 @@ def _finished(run_dir: Path) -> dict | None:
 
 
 # result fields that measure the machine, not the run: they differ between identical runs
-TIMING_FIELDS = ("seconds", "train_seconds", "train_images_per_s", "val_run_seconds")
+TIMING_FIELDS = ("seconds", "train_seconds", "train_images_per_s", "val_run_seconds", "group_seconds")
 # fields that may differ between a validation-only run and the run that reuses it (`val_run`)
 _TWIN_FREE = ("out", "runtime.eval_test", "runtime.progress", "runtime.curves", "overwrite", "val_run")
 # fields that do not change a finished run's numbers: a run may be reused when only these differ
@@ -575,23 +581,134 @@ def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device:
     return Trainer(model, feeder, images, labels, feats, loss_weight, g)
 
 
-def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.PathLike | None = None,
-              split: dict | None = None, features: FeatureCache | None = None,
-              on_validate: Callable[[int, dict], None] | None = None) -> dict:
-    """Train one run and return its result dict (also written to `run_dir/metrics.json`).
+@dataclass
+class RunState:
+    """A run set up for training (`setup_run`): its model, data rows, step plan, optimizer and schedule.
 
-    `data`, `split` and `features` let a sweep load the images, the split and the frozen features
-    once for all its runs. `on_validate(epoch, val_metrics)` is called after each validation (a
-    hyperparameter search reports to its pruner there, and may raise to stop the run). With
-    `runtime.eval_test` false the test rows of the split are never looked up. A run folder that already holds `metrics.json` is not trained again
-    (its result is returned) unless `cfg.overwrite`. A NaN/inf loss stops the run; the result then has
-    status "failed" and a reason, and the caller goes on.
-
-    Returns:
-        {"status": "ok"|"failed", "arm", "mode", "fraction", "seed", "accuracy", "macro_f1",
-         "balanced_accuracy", "per_class", "confusion", "best_epoch", "val_macro_f1", "epochs_run",
-         "steps", "seconds", "gate_weights" (gated mode), "reason" (failed), ...}
+    `train_epoch` and `validate` are what `fit` calls; `finish` tests the chosen weights and writes the run's
+    files. A batched group of runs (fusion/batched.py) drives the same objects, several at once.
     """
+
+    cfg: RunConfig
+    run_dir: Path
+    data: WBCData
+    trainer: Trainer
+    device: torch.device
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    test_rows: np.ndarray
+    batch_size: int
+    steps: int  # optimizer steps between validations
+    epochs: int  # validations
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    base: dict  # what the run is, for its result
+    t0: float
+    on_validate: Callable[[int, dict], None] | None = None
+
+    @property
+    def model(self) -> FusionModel:
+        return self.trainer.model
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The rows of each training batch of `epoch`, drawn from the run's generator; sets the progressive
+        resizing stage of the feeder for that epoch."""
+        cfg, tr = self.cfg, self.trainer
+        stages = [*map(int, cfg.optim.progressive), cfg.image_size]
+        tr.feeder.size = (stages[min(len(stages) - 1, (epoch - 1) * len(stages) // self.epochs)]
+                          if len(stages) > 1 else None)
+        train_t = torch.as_tensor(self.train_rows)
+        balanced = tr.labels[train_t] if cfg.optim.sampler == "balanced" else None
+        return [train_t[b] for b in _batches(len(self.train_rows), self.batch_size, self.steps, tr.g, balanced)]
+
+    def epoch_row(self, out: dict) -> dict:
+        return {**out, "train_size": self.trainer.feeder.size or self.cfg.image_size} if self.cfg.optim.progressive \
+            else out
+
+    def train_epoch(self, epoch: int) -> dict:
+        batches = self.epoch_batches(epoch)
+        out = train_one_epoch(self.model, batches, self.trainer.feeder.step, self.optimizer, self.device,
+                              amp=self.cfg.runtime.amp, desc=f"epoch {epoch}", progress=False,
+                              scheduler=self.scheduler)
+        return self.epoch_row(out)
+
+    def validate(self, epoch: int) -> dict:
+        tr, cfg = self.trainer, self.cfg
+        calib = torch.as_tensor(self.train_rows)
+        calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))]
+        recalibrate_bn(self.model.cnn, tr.images, calib, self.device, self.batch_size, cfg.optim.bn_recalibrate)
+        r = _eval(self.model, tr.images, tr.feats, self.val_rows, tr.labels, self.device, cfg, tr.loss_weight,
+                  self.data.classes)
+        out = {k: r[k] for k in ("loss", "acc", "macro_f1")}
+        if self.on_validate is not None:
+            self.on_validate(epoch, out)
+        return out
+
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        return fit(self.model, epochs=self.epochs, train_epoch=self.train_epoch, validate=self.validate,
+                   optimizer=self.optimizer, monitor="val_macro_f1", mode="max", plateau_patience=None,
+                   early_stop=cfg.optim.early_stop or None, log_path=self.run_dir / "log.jsonl",
+                   progress=cfg.runtime.progress, desc=f"{cfg.arm}/{cfg.mode} f={cfg.fraction} s={cfg.seed}")
+
+    def fail(self, error: Exception) -> dict:
+        result = {**self.base, "status": "failed", "reason": f"non-finite loss: {error}",
+                  "seconds": round(time.perf_counter() - self.t0, 2)}
+        atomic_write_json(self.run_dir / "metrics.json", result)
+        return result
+
+    def finish(self, res: FitResult, twin: bool = False, extra: dict | None = None) -> dict:
+        """Test the best-on-validation weights once, write plots, `best.pt` and (last) `metrics.json`."""
+        cfg, model, data, tr, run_dir = self.cfg, self.model, self.data, self.trainer, self.run_dir
+        model.load_state_dict(res.best_state)
+        base = {**self.base, **({"val_run": cfg.val_run} if twin else {})}
+        bs, steps = self.batch_size, self.steps
+        result = {**base, "status": "ok", "best_epoch": res.best_epoch, "val_macro_f1": res.best.get("val_macro_f1"),
+                  "val_acc": res.best.get("val_acc"), "epochs_run": len(res.history),
+                  "steps": len(res.history) * steps, "batch_size": bs, "stopped_early": res.stopped_early,
+                  "train_seconds": round(res.seconds, 2),
+                  "train_images_per_s": round(len(res.history) * steps * bs / max(res.seconds, 1e-9), 1),
+                  **(extra or {})}
+        if cfg.runtime.eval_test:  # once, with the weights chosen on validation
+            test = _eval(model, tr.images, tr.feats, self.test_rows, tr.labels, self.device, cfg, tr.loss_weight,
+                         data.classes)
+            m = test["metrics"]
+            result.update({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                           "balanced_accuracy": m.get("balanced_accuracy"), "weighted_f1": m.get("weighted_f1"),
+                           "per_class": m["per_class"], "confusion": to_plain(m["confusion"]),
+                           "classes": list(data.classes), "test_loss": test["loss"], "gate_weights": test["gates"]})
+            # the test probabilities, for ensembles of runs (fusion/ensemble.py)
+            np.savez_compressed(run_dir / "test_probs.npz", rows=self.test_rows,
+                                ids=np.asarray(data.ids)[self.test_rows],
+                                labels=tr.labels[torch.as_tensor(self.test_rows)].numpy(),
+                                probs=torch.softmax(test["logits"], 1).numpy().astype(np.float32),
+                                classes=np.asarray(list(data.classes)))
+        else:
+            result.update({"status": "val_only", "accuracy": None, "macro_f1": None})
+        if cfg.runtime.curves:
+            plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc", "macro_f1"),
+                        title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
+        save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg, data.classes),
+                        model=res.best_state, input_spec={"size": cfg.image_size, "channels": 3, "range": [0, 1],
+                                                          "mean": list(model.cnn.cfg.mean),
+                                                          "std": list(model.cnn.cfg.std)},
+                        metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
+                        data={"source": data.root, "n_train": len(self.train_rows), "fraction": cfg.fraction},
+                        train=cfg)
+        # this call only: a reused run's training time belongs to the pilot, and is not counted twice
+        result["seconds"] = round(time.perf_counter() - self.t0, 2)
+        if twin:
+            result["val_run_seconds"] = round(res.seconds, 2)
+        result["torch_threads"] = torch.get_num_threads()  # CPU numbers depend on it (summation order)
+        atomic_write_json(run_dir / "metrics.json", to_plain(result))
+        return result
+
+
+def setup_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.PathLike | None = None,
+              split: dict | None = None, features: FeatureCache | None = None,
+              on_validate: Callable[[int, dict], None] | None = None) -> RunState | dict:
+    """Prepare one run for training (arguments as `train_run`): its folder (restarted from scratch), data
+    rows, seeded model and feeder, optimizer and schedule. A finished run's result dict is returned instead."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir or cfg.out)
     if not cfg.overwrite and (done := _finished(run_dir)) is not None:
@@ -607,8 +724,7 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
     device = get_device(cfg.runtime.device)
     if data is None:
         data = load_wbc(cfg.data, cfg.image_size, cfg.cache_dir or None, progress=cfg.runtime.progress,
-                        preprocess=cfg.preprocess,
-                        classes=cfg.classes)
+                        preprocess=cfg.preprocess, classes=cfg.classes)
     if data.image_size != cfg.image_size:
         raise ValueError(f"data {data.root} was loaded at {data.image_size}px but the run asks for "
                          f"image_size {cfg.image_size}; load it at the run's size")
@@ -623,33 +739,10 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
                          f"needed (early stopping on val, metrics on test)")
 
     tr = build_trainer(cfg, data, train_rows, device, features)
-    model, feeder, images, labels, feats, loss_weight, g = (tr.model, tr.feeder, tr.images, tr.labels, tr.feats,
-                                                            tr.loss_weight, tr.g)
     arm = cfg.registry().arm(cfg.arm)
     bs, steps, epochs = plan_steps(len(train_rows), cfg)
-    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    optimizer = make_optimizer(tr.model.parameters(), cfg.optim)
     scheduler = make_schedule(optimizer, steps * epochs, cfg.optim)
-    train_t = torch.as_tensor(train_rows)
-    stages = [*map(int, cfg.optim.progressive), cfg.image_size]
-
-    def train_epoch(epoch: int) -> dict:
-        feeder.size = stages[min(len(stages) - 1, (epoch - 1) * len(stages) // epochs)] if len(stages) > 1 else None
-        balanced = labels[train_t] if cfg.optim.sampler == "balanced" else None
-        batches = [train_t[b] for b in _batches(len(train_rows), bs, steps, g, balanced)]
-        out = train_one_epoch(model, batches, feeder.step, optimizer, device, amp=cfg.runtime.amp,
-                              desc=f"epoch {epoch}", progress=False, scheduler=scheduler)
-        return {**out, "train_size": feeder.size or cfg.image_size} if len(stages) > 1 else out
-
-    calib_rows = train_t[torch.randperm(len(train_t), generator=torch.Generator().manual_seed(cfg.seed))]
-
-    def validate(epoch: int) -> dict:
-        recalibrate_bn(model.cnn, images, calib_rows, device, bs, cfg.optim.bn_recalibrate)
-        r = _eval(model, images, feats, val_rows, labels, device, cfg, loss_weight, data.classes)
-        out = {k: r[k] for k in ("loss", "acc", "macro_f1")}
-        if on_validate is not None:
-            on_validate(epoch, out)
-        return out
-
     base = {"run": run_dir.name, "arm": cfg.arm, "sources": list(arm.sources), "twin_of": arm.twin_of,
             "backbone": arm.backbone.model if arm.backbone else "small_cnn",
             "backbone_pretrained": bool(arm.backbone and arm.backbone.weights),
@@ -657,59 +750,39 @@ def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.Pat
             **({"fold": int(split["fold"]["index"])} if "fold" in split else {}),
             "mode": cfg.mode, "fraction": float(cfg.fraction),
             "seed": int(cfg.seed), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
-            "n_test": int(len(test_rows)), "trainable_params": count_parameters(model, trainable_only=True),
-            "params": count_parameters(model),
+            "n_test": int(len(test_rows)), "trainable_params": count_parameters(tr.model, trainable_only=True),
+            "params": count_parameters(tr.model),
             "image_size": cfg.image_size, "encoder_features": cfg.model.encoder_features}
-    twin = _val_only_twin(cfg, run_dir) if cfg.val_run else None
-    try:
-        res = twin or fit(model, epochs=epochs, train_epoch=train_epoch, validate=validate, optimizer=optimizer,
-                  monitor="val_macro_f1", mode="max", plateau_patience=None,
-                  early_stop=cfg.optim.early_stop or None, log_path=run_dir / "log.jsonl",
-                  progress=cfg.runtime.progress, desc=f"{cfg.arm}/{cfg.mode} f={cfg.fraction} s={cfg.seed}")
-    except NonFiniteLossError as e:
-        result = {**base, "status": "failed", "reason": f"non-finite loss: {e}",
-                  "seconds": round(time.perf_counter() - t0, 2)}
-        atomic_write_json(run_dir / "metrics.json", result)
-        return result
+    return RunState(cfg, run_dir, data, tr, device, train_rows, val_rows, test_rows, bs, steps, epochs, optimizer,
+                    scheduler, base, t0, on_validate)
 
-    model.load_state_dict(res.best_state)
-    if twin is not None:
-        base["val_run"] = cfg.val_run
-    result = {**base, "status": "ok", "best_epoch": res.best_epoch, "val_macro_f1": res.best.get("val_macro_f1"),
-              "val_acc": res.best.get("val_acc"), "epochs_run": len(res.history),
-              "steps": len(res.history) * steps, "batch_size": bs, "stopped_early": res.stopped_early,
-              "train_seconds": round(res.seconds, 2),
-              "train_images_per_s": round(len(res.history) * steps * bs / max(res.seconds, 1e-9), 1)}
-    if cfg.runtime.eval_test:  # once, with the weights chosen on validation
-        test = _eval(model, images, feats, test_rows, labels, device, cfg, loss_weight, data.classes)
-        m = test["metrics"]
-        result.update({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                       "balanced_accuracy": m.get("balanced_accuracy"), "weighted_f1": m.get("weighted_f1"),
-                       "per_class": m["per_class"], "confusion": to_plain(m["confusion"]),
-                       "classes": list(data.classes), "test_loss": test["loss"], "gate_weights": test["gates"]})
-        # the test probabilities, for ensembles of runs (fusion/ensemble.py)
-        np.savez_compressed(run_dir / "test_probs.npz", rows=test_rows, ids=np.asarray(data.ids)[test_rows],
-                            labels=labels[torch.as_tensor(test_rows)].numpy(),
-                            probs=torch.softmax(test["logits"], 1).numpy().astype(np.float32),
-                            classes=np.asarray(list(data.classes)))
-    else:
-        result.update({"status": "val_only", "accuracy": None, "macro_f1": None})
-    if cfg.runtime.curves:
-        plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc", "macro_f1"),
-                    title=f"{cfg.arm} ({cfg.mode}), fraction {cfg.fraction}, seed {cfg.seed}")
-    save_checkpoint(run_dir / "best.pt", kind="wbc_fusion", config=fusion_model_config(model, cfg, data.classes),
-                    model=res.best_state, input_spec={"size": cfg.image_size, "channels": 3, "range": [0, 1],
-                                                      "mean": list(model.cnn.cfg.mean), "std": list(model.cnn.cfg.std)},
-                    metrics={k: result[k] for k in ("accuracy", "macro_f1", "val_macro_f1", "best_epoch")},
-                    data={"source": data.root, "n_train": len(train_rows), "fraction": cfg.fraction},
-                    train=cfg)
-    # this call only: a reused run's training time belongs to the pilot, and is not counted twice
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    if twin is not None:
-        result["val_run_seconds"] = round(twin.seconds, 2)
-    result["torch_threads"] = torch.get_num_threads()  # CPU numbers depend on it (summation order)
-    atomic_write_json(run_dir / "metrics.json", to_plain(result))
-    return result
+
+def train_run(cfg: RunConfig, data: WBCData | None = None, run_dir: str | os.PathLike | None = None,
+              split: dict | None = None, features: FeatureCache | None = None,
+              on_validate: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one run and return its result dict (also written to `run_dir/metrics.json`).
+
+    `data`, `split` and `features` let a sweep load the images, the split and the frozen features
+    once for all its runs. `on_validate(epoch, val_metrics)` is called after each validation (a
+    hyperparameter search reports to its pruner there, and may raise to stop the run). With
+    `runtime.eval_test` false the test rows of the split are never looked up. A run folder that already
+    holds `metrics.json` is not trained again (its result is returned) unless `cfg.overwrite`. A NaN/inf
+    loss stops the run; the result then has status "failed" and a reason, and the caller goes on.
+
+    Returns:
+        {"status": "ok"|"failed", "arm", "mode", "fraction", "seed", "accuracy", "macro_f1",
+         "balanced_accuracy", "per_class", "confusion", "best_epoch", "val_macro_f1", "epochs_run",
+         "steps", "seconds", "gate_weights" (gated mode), "reason" (failed), ...}
+    """
+    st = setup_run(cfg, data, run_dir, split, features, on_validate)
+    if isinstance(st, dict):
+        return st
+    twin = _val_only_twin(cfg, st.run_dir) if cfg.val_run else None
+    try:
+        res = twin or st.fit()
+    except NonFiniteLossError as e:
+        return st.fail(e)
+    return st.finish(res, twin=twin is not None)
 
 
 def fusion_model_config(model: FusionModel, cfg: RunConfig, classes: Sequence[str]) -> dict:

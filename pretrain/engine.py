@@ -57,10 +57,13 @@ class Meter:
 def train_one_epoch(model: nn.Module, loader: Iterable, step: StepFn, optimizer: torch.optim.Optimizer,
                     device: torch.device, amp: bool = False, desc: str = "train",
                     progress: bool = True, grad_clip: float | None = None,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    reduce: Callable[[Meter], Meter] | None = None) -> dict[str, float]:
     """One pass over `loader`; returns {"loss": mean, **other metric means}.
 
     `scheduler`, when given, is stepped after every optimizer step (per-step schedules such as cosine).
+    `reduce`, when given, turns this process's meter into the one over all processes before averaging
+    (`pretrain.distributed.reduce_meter`), so that the means are those of the global data.
 
     Raises:
         NonFiniteLossError: a batch loss is NaN/inf (the caller marks the run failed).
@@ -82,20 +85,28 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: StepFn, optimizer:
             scheduler.step()
         meter.update(n, loss=loss.item(), **extra)
         bar.set_postfix(loss=f"{meter.averages()['loss']:.4f}")
-    return meter.averages()
+    return (meter if reduce is None else reduce(meter)).averages()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, step: StepFn, device: torch.device, amp: bool = False,
-             desc: str = "val", progress: bool = False) -> dict[str, float]:
-    """Mean loss and metrics of `step` over `loader` in eval mode, without gradients."""
+             desc: str = "val", progress: bool = False,
+             reduce: Callable[[Meter], Meter] | None = None) -> dict[str, float]:
+    """Mean loss and metrics of `step` over `loader` in eval mode, without gradients (`reduce`: as in
+    `train_one_epoch`, for a loader holding this process's share of the data)."""
     model.eval()
     meter = Meter()
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         with autocast(device, amp):
             loss, n, extra = step(model, batch, device)
         meter.update(n, loss=loss.item(), **extra)
-    return meter.averages()
+    return (meter if reduce is None else reduce(meter)).averages()
+
+
+def epoch_row(epoch: int, optimizer: torch.optim.Optimizer, train: dict, val: dict, seconds: float) -> dict:
+    """One log line: {"epoch", "lr", "train_<k>"..., "val_<k>"..., "seconds"}."""
+    return {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in train.items()},
+            **{f"val_{k}": v for k, v in val.items()}, "seconds": round(seconds, 3)}
 
 
 @dataclass
@@ -149,10 +160,7 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict], va
         t0 = time.perf_counter()
         tr = train_epoch(epoch)
         va = validate(epoch)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update({f"train_{k}": v for k, v in tr.items()})
-        row.update({f"val_{k}": v for k, v in va.items()})
-        row["seconds"] = round(time.perf_counter() - t0, 3)
+        row = epoch_row(epoch, optimizer, tr, va, time.perf_counter() - t0)
         if monitor not in row:
             raise KeyError(f"monitor {monitor!r} not among logged values {sorted(row)}")
         value = row[monitor]

@@ -25,6 +25,7 @@ import openslide
 from PIL import Image
 
 from .annotations import SlideAnnotations, check_within_slide, parse_asap_xml, rasterize
+from .raytasks import check_launcher
 from .store import check_store_suffix
 from .tissue import box_fractions, slide_thumbnail, tissue_mask
 from .wsi import SlideError, choose_level, open_slide, read_region_rgb, slide_mpp
@@ -58,6 +59,11 @@ class ExtractConfig:
     centre_fraction: float = field(default=0.5, metadata={"help": "side of the labelled centre region / patch side"})
     save_masks: bool = field(default=False, metadata={"help": "store a (P, P) tumor mask per patch"})
     workers: int = field(default=1, metadata={"help": "slides processed in parallel processes"})
+    launcher: str = field(default="local", metadata={
+        "help": "local: this process or `workers` processes; ray: one Ray task per slide (`workers` unused)"})
+    ray_address: str = field(default="", metadata={
+        "help": "Ray cluster for --launcher ray: auto, HOST:6379; empty: $RAY_ADDRESS, else a local instance"})
+    ray_cpus: float = field(default=1.0, metadata={"help": "CPUs each Ray task (slide) reserves"})
     compression: str = field(default="none", metadata={"help": "image compression: none, lzf or gzip"})
     thumbnail_size: int = field(default=512, metadata={"help": "minimum long side of the tissue-mask thumbnail (px)"})
     min_tissue_area: float = field(default=0.25, metadata={"help": "drop tissue blobs smaller than this many patch areas"})
@@ -88,6 +94,9 @@ class ExtractConfig:
             raise ValueError(f"--compression must be none, lzf or gzip; got {self.compression!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"--workers must be a whole number >= 1, got {self.workers}")
+        check_launcher(self.launcher)
+        if self.ray_cpus < 0:
+            raise ValueError(f"--ray-cpus must be >= 0, got {self.ray_cpus}")
         if not isinstance(self.thumbnail_size, int) or self.thumbnail_size < 16:
             raise ValueError(f"--thumbnail-size must be a whole number >= 16 px, got {self.thumbnail_size}")
         if not _finite_above(self.min_tissue_area, 0, or_equal=True):

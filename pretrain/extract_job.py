@@ -3,7 +3,9 @@
 Each slide is planned, read and labelled by `pretrain.extract`; here the patches are appended to
 one HDF5 file (schema in `pretrain.store`). Several slides run in parallel processes
 (forkserver/spawn: OpenSlide and HDF5 handles must not cross a fork from a parent that has them
-open); each worker writes a per-slide part file that the parent merges in input order. A slide that
+open), or as one Ray task per slide (`--launcher ray`; on a cluster the slides, annotations and the
+folder of `--out` must be on a filesystem every node shares); each worker writes a per-slide part file
+that the parent merges in input order. A slide that
 fails (unreadable file, patch larger than the level, malformed XML) is reported in the summary and
 the others still complete.
 
@@ -143,6 +145,11 @@ def _worker(path: str, xml: str | None, cfg: ExtractConfig, part: str, overlay_p
         return _process_slide(path, xml, cfg, w, 0, overlay_path)
 
 
+def _worker_failed(path: str, e: Exception) -> dict:
+    """The summary of a slide whose worker crashed (e.g. a segfault inside a codec) or whose Ray task was lost."""
+    return slide_summary(None, path, 0.0, error=f"{path}: worker failed ({type(e).__name__}: {e})")
+
+
 def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
     """Stop a pool now: drop queued slides and kill running workers, which write into the parts folder
     that is about to be removed (`shutdown` alone would wait for every running slide to finish)."""
@@ -166,9 +173,8 @@ def _run_pool(jobs: dict[int, tuple[str, str | None, str | None]], parts: dict[i
             i = futs[f]
             try:
                 results[i] = f.result()
-            except Exception as e:  # a crashed worker (e.g. a segfault inside a codec)
-                results[i] = slide_summary(None, jobs[i][0], 0.0,
-                                           error=f"{jobs[i][0]}: worker failed ({type(e).__name__}: {e})")
+            except Exception as e:
+                results[i] = _worker_failed(jobs[i][0], e)
     except BaseException:
         _kill_pool(pool)
         raise
@@ -176,19 +182,42 @@ def _run_pool(jobs: dict[int, tuple[str, str | None, str | None]], parts: dict[i
     return results
 
 
+def _run_ray(jobs: dict[int, tuple[str, str | None, str | None]], parts: dict[int, Path],
+             cfg: ExtractConfig) -> dict[int, dict]:
+    """`_run_pool`, with one Ray task of `cfg.ray_cpus` CPUs per slide; an interruption cancels the tasks
+    (killing their workers) before the parts folder is removed."""
+    from .raytasks import as_finished, ray_session, run_in
+
+    results: dict[int, dict] = {}
+    with ray_session(cfg.ray_address) as ray:
+        task = ray.remote(run_in).options(num_cpus=cfg.ray_cpus, name="extract_slide")
+        refs = {task.remote(os.getcwd(), _worker, p, x, cfg, str(parts[i]), o): i for i, (p, x, o) in jobs.items()}
+        with contextlib.closing(as_finished(ray, list(refs))) as finished:
+            for ref in tqdm(finished, total=len(refs), desc="slides", unit="slide"):
+                i = refs[ref]
+                try:
+                    results[i] = ray.get(ref)
+                except Exception as e:
+                    results[i] = _worker_failed(jobs[i][0], e)
+    return results
+
+
 def _extract_all(writer: StoreWriter, jobs: list[tuple[str, str | None, str | None]], failed: dict[int, dict],
                  cfg: ExtractConfig, workers: int, parts_dir: Path) -> list[dict]:
-    """Every slide not in `failed` into `writer` (in input order), one by one or in worker processes."""
+    """Every slide not in `failed` into `writer` (in input order), one by one, in worker processes or
+    as Ray tasks."""
     todo = [i for i in range(len(jobs)) if i not in failed]
     results = dict(failed)
-    if workers == 1 or len(todo) < 2:
+    if not todo or (cfg.launcher == "local" and (workers == 1 or len(todo) < 2)):
         for i in tqdm(todo, desc="slides", unit="slide", disable=len(todo) < 2):
             p, x, o = jobs[i]
             results[i] = _process_slide(p, x, cfg, writer, i, o, progress=True)
     else:
         parts_dir.mkdir(parents=True, exist_ok=True)
         parts = {i: parts_dir / f"{i:05d}.part" for i in todo}  # not *.h5: no glob may take one for a store
-        results.update(_run_pool({i: jobs[i] for i in todo}, parts, cfg, min(workers, len(todo))))
+        todo_jobs = {i: jobs[i] for i in todo}
+        results.update(_run_ray(todo_jobs, parts, cfg) if cfg.launcher == "ray"
+                       else _run_pool(todo_jobs, parts, cfg, min(workers, len(todo))))
         for i in todo:
             if results[i]["status"] == "ok":
                 writer.merge(parts[i], slide_index=i)

@@ -5,7 +5,8 @@ A pretraining run folder holds, besides config.yaml, log.jsonl and plots:
     last.pt       the whole training state after the last finished epoch: model, optimizer, fit's own
                   counters and scheduler, the best weights so far, and every random stream (python,
                   numpy, torch CPU/CUDA, the DataLoader's shuffle generator, the augmentation's
-                  generators). Rewritten atomically every epoch; plain types, read with weights_only=True.
+                  generators; under torchrun, those of every rank). Rewritten atomically every epoch;
+                  plain types, read with weights_only=True.
     best.pt       the best-on-validation checkpoint (a `save_checkpoint` file), rewritten on improvement.
     metrics.json  written last, when the run has finished; it describes best.pt.
 
@@ -108,13 +109,15 @@ def check_config(run_dir: str | Path, cfg: Any, neutral: tuple[str, ...] = NEUTR
     return run_dir
 
 
-def open_run(run_dir: Path, cfg: Any, fingerprint: str, device: torch.device) -> tuple[str, dict | None]:
+def open_run(run_dir: Path, cfg: Any, fingerprint: str, device: torch.device,
+             world_size: int = 1) -> tuple[str, dict | None]:
     """What to do in a run folder whose config matches (after `check_config`), once the data are known.
 
     Returns ("done", metrics) for a finished run on the same data, ("resume", state) for a saved
     state on the same data and device type, else ("fresh", None) after removing stale files. A
     mismatch removes the old run when `cfg.overwrite`, else raises RunMismatchError. Resuming on
-    another device type is refused because its numbers would match neither device's uninterrupted run.
+    another device type, or with another number of processes (`world_size`, torchrun's), is refused
+    because its numbers would match neither setting's uninterrupted run.
     """
     metrics_path, last = run_dir / "metrics.json", run_dir / "last.pt"
     if metrics_path.is_file() and (run_dir / "best.pt").is_file():
@@ -131,6 +134,11 @@ def open_run(run_dir: Path, cfg: Any, fingerprint: str, device: torch.device) ->
         elif state["device_type"] != device.type:
             problem = (f"it was trained on {state['device_type']} and cannot continue identically on "
                        f"{device.type} (pass --device {state['device_type']})")
+        elif state.get("world_size", 1) != world_size:
+            old_n = state.get("world_size", 1)
+            how = "without torchrun" if old_n == 1 else f"e.g. torchrun --nproc_per_node {old_n}"
+            problem = (f"it was trained by {old_n} process(es) and cannot continue identically with "
+                       f"{world_size} (start {old_n}: {how})")
         else:
             return "resume", state
     else:
@@ -196,11 +204,17 @@ def set_rng_state(state: dict, generator: torch.Generator, augment: Any = None) 
 
 def save_state(path: Path, fit_state: dict, *, cfg: Any, fingerprint: str, device: torch.device,
                model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-               augment: Any = None) -> None:
-    """Write last.pt atomically: what `restore_state` needs to continue exactly after this epoch."""
+               augment: Any = None, rank_rngs: list[dict] | None = None) -> None:
+    """Write last.pt atomically: what `restore_state` needs to continue exactly after this epoch.
+
+    `rank_rngs`: under torchrun, every rank's `rng_state`, in rank order (this process is rank 0).
+    """
     state = {"format": STATE_FORMAT, "config": to_plain(cfg), "fingerprint": fingerprint or "",
              "device_type": device.type, "fit": fit_state, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "rng": rng_state(generator, augment)}
+             "optimizer": optimizer.state_dict(), "rng": rng_state(generator, augment),
+             "world_size": len(rank_rngs) if rank_rngs else 1}
+    if rank_rngs and len(rank_rngs) > 1:
+        state["rank_rngs"] = rank_rngs
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -223,15 +237,17 @@ def load_state(path: Path) -> dict:
 
 
 def restore_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  generator: torch.Generator, augment: Any = None) -> dict:
+                  generator: torch.Generator, augment: Any = None, rank: int = 0) -> dict:
     """Load model, optimizer and RNG states from last.pt; return fit's counters for `fit(resume=...)`.
+
+    `rank`: under torchrun, this process's rank, whose own random streams are restored.
 
     Call it right before `fit`, after everything that draws random numbers in a fresh run too
     (model initialisation, splits), so that epoch k+1 sees the streams an uninterrupted run would.
     """
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"], generator, augment)
+    set_rng_state(state["rank_rngs"][rank] if "rank_rngs" in state else state["rng"], generator, augment)
     return state["fit"]
 
 

@@ -9,7 +9,8 @@ Run folder (`cfg.run_dir`): config.yaml, split.json, log.jsonl (one JSON line pe
 metrics), curves.png (loss + accuracy), confusion.png, test_predictions.npz and, last, metrics.json.
 Test metrics are computed once, at the end, with the best weights. Rerunning a killed run resumes it
 exactly; a finished one is reused; `cfg.out` gets a copy of best.pt at the end unless it holds a
-better model (see `pretrain.resume`).
+better model (see `pretrain.resume`). Under `torchrun` the run is data-parallel and `batch_size` the
+global batch (see `pretrain.distributed`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,26 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cam16_split import CLASSES, LeakySplitWarning, binary_metrics, describe_split, split_by_slide
 from .checkpoint import save_checkpoint
 from .engine import evaluate, fit, train_one_epoch
 from .plots import plot_curves, save_figure
 from .resnet import Cam16ResNet, ResNetConfig
-from .resume import NEUTRAL_FIELDS, check_config, finish_run, open_run, restore_state, rewrite_log, save_state
+from .resume import (
+    NEUTRAL_FIELDS,
+    check_config,
+    finish_run,
+    open_run,
+    restore_state,
+    rewrite_log,
+    rng_state,
+    save_state,
+)
 from .utils import (
     atomic_write_json,
     count_parameters,
     fingerprint_files,
-    get_device,
     seed_everything,
     seed_worker,
 )
@@ -199,12 +209,22 @@ def _data_fingerprint(path: Path) -> str:
     return fingerprint_files(files, root=path, content=False)
 
 
-def _ce_step(weight: torch.Tensor | None):
+def _ce_step(weight: torch.Tensor | None, several: bool = False):
+    """Cross-entropy step, class-weighted by `weight` (2,) when given.
+
+    `several` (data-parallel processes): the weighted loss is divided by the ranks' mean weight sum,
+    not this rank's, so that DDP's mean of the ranks' gradients is the global batch's weighted mean
+    (F.cross_entropy divides each rank's batch by its own weight sum).
+    """
     def step(model, batch, device):
         x, y = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x).float()  # (B, 2)
-        loss = F.cross_entropy(logits, y, weight=None if weight is None else weight.to(device))
+        if weight is not None and several:
+            w = weight.to(device)[y]  # (B,)
+            loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() / distributed.mean_over_ranks(w.sum())
+        else:
+            loss = F.cross_entropy(logits, y, weight=None if weight is None else weight.to(device))
         return loss, len(y), {"acc": (logits.argmax(1) == y).float().mean().item()}
     return step
 
@@ -217,6 +237,8 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) ->
     for x, y in loader:
         probs.append(torch.softmax(model(x.to(device)).float(), dim=1)[:, 1].cpu())
         ys.append(y)
+    if not probs:  # a data-parallel rank's share of a tiny test set can be empty
+        return np.empty(0, np.float32), np.empty(0, np.int64)
     return torch.cat(probs).numpy(), torch.cat(ys).numpy()
 
 
@@ -253,19 +275,32 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
         "checkpoint", "seconds", ...}. A run folder with the state of a killed run of the same
         config resumes it; a finished one returns its metrics without training.
 
+    Under torchrun every rank trains on its share of each global batch of `cfg.batch_size` and
+    predicts its share of validation and test; only rank 0 writes, and every rank returns the same
+    metrics (see `pretrain.distributed`).
+
     Raises:
         RunMismatchError: `cfg.run_dir` holds a run of another config or data (and not `cfg.overwrite`).
+        ValueError: under torchrun, `cfg.batch_size` is not a multiple of the number of processes.
     """
+    with distributed.session(cfg.device) as device:
+        return _fit_cam16(cfg, dataset, device)
+
+
+def _fit_cam16(cfg: Cam16Config, dataset, device: torch.device) -> dict:
     seed_everything(cfg.seed)
-    device = get_device(cfg.device)
+    main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
+    progress = cfg.progress and main
+    local_batch = distributed.per_rank_batch(cfg.batch_size)
     model_cfg = cfg.model_config()
-    run_dir = check_config(cfg.run_dir, cfg, RESUME_NEUTRAL)
+    run_dir = distributed.on_main(check_config, cfg.run_dir, cfg, RESUME_NEUTRAL)
     log_path = run_dir / "log.jsonl"
-    fingerprint = _data_fingerprint(Path(cfg.data)) if Path(cfg.data).exists() else ""
+    fingerprint = distributed.on_main(lambda: _data_fingerprint(Path(cfg.data)) if Path(cfg.data).exists() else "")
     metric, mode = cfg.monitor, "min" if cfg.monitor == "val_loss" else "max"
-    status, prior = open_run(run_dir, cfg, fingerprint, device)
+    status, prior = distributed.on_main(open_run, run_dir, cfg, fingerprint, device, world_size=world)
     if status == "done":
-        return finish_run(run_dir, cfg, prior, kind=KIND, metric=metric, mode=mode, reused=True)
+        return distributed.on_main(finish_run, run_dir, cfg, prior, kind=KIND, metric=metric, mode=mode,
+                                   reused=True)
 
     if dataset is None:
         from .patches import open_patch_dataset
@@ -283,36 +318,42 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
         if len(split[part]) == 0:
             raise ValueError(f"{cfg.data}: the {part} part is empty ({info['parts']}); give more slides "
                              f"or adjust val/test fractions or slide lists")
-    atomic_write_json(run_dir / "split.json", {**info, "seed": cfg.seed,
-                                               "method": "patch-level (LEAKS)" if info["leaks"] else "by slide",
-                                               "indices": {p: v.tolist() for p, v in split.items()}})
+    if main:
+        atomic_write_json(run_dir / "split.json", {**info, "seed": cfg.seed,
+                                                   "method": "patch-level (LEAKS)" if info["leaks"] else "by slide",
+                                                   "indices": {p: v.tolist() for p, v in split.items()}})
     missing = [f"{p} has no {c}" for p, d in info["parts"].items() for c in CLASSES if d[c] == 0]
-    if missing and cfg.progress:
+    if missing and progress:
         tqdm.write(f"cam16: note: {'; '.join(missing)} (the slides do not allow better)")
 
     nbytes = len(keep) * cfg.image_size ** 2 * 3
     in_memory = nbytes < cfg.in_memory_gb * 2**30
-    train_tf = PatchTransform(cfg.image_size, cfg.augment, seed=cfg.seed)
+    train_tf = PatchTransform(cfg.image_size, cfg.augment, seed=cfg.seed + rank)  # each rank its own stream
     eval_tf = PatchTransform(cfg.image_size, augment=False)
 
     def part(idx: np.ndarray, tf: PatchTransform) -> _Patches:
         if in_memory:  # decode once, resized; epochs never touch the source again
             arr = np.stack([resize_patch(dataset.read_image(int(i)), cfg.image_size)
-                            for i in tqdm(idx, desc="loading patches", leave=False, disable=not cfg.progress)])
+                            for i in tqdm(idx, desc="loading patches", leave=False, disable=not progress)])
             return _Patches(arr, labels_all[idx], tf)
         return _Patches(dataset, labels_all[idx], tf, indices=idx)
 
     train_ds, val_ds, test_ds = part(split["train"], train_tf), part(split["val"], eval_tf), part(split["test"], eval_tf)
     loader_kw = dict(num_workers=cfg.num_workers, worker_init_fn=_worker_init, pin_memory=device.type == "cuda")
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed + rank)
+    sampler = distributed.train_sampler(train_ds, cfg.seed)  # None alone: the loader shuffles with g
+    n_local = len(train_ds) if sampler is None else len(sampler)
     # workers start afresh every epoch, seeded from `g` (training) or torch's RNG: persistent ones would
     # carry augmentation streams that last.pt cannot capture, and a resumed run would see other patches
-    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                          drop_last=len(train_ds) % cfg.batch_size == 1, **loader_kw)  # no batch of 1 for BN
-    val_dl = DataLoader(val_ds, batch_size=cfg.batch_size * 2, **loader_kw)
-    test_dl = DataLoader(test_ds, batch_size=cfg.batch_size * 2, **loader_kw)
+    train_dl = DataLoader(train_ds, batch_size=local_batch, shuffle=sampler is None, sampler=sampler, generator=g,
+                          drop_last=n_local % local_batch == 1, **loader_kw)  # no batch of 1 for BN
+    val_dl = DataLoader(val_ds, batch_size=cfg.batch_size * 2, sampler=distributed.eval_shard(len(val_ds)),
+                        **loader_kw)
+    test_dl = DataLoader(test_ds, batch_size=cfg.batch_size * 2, sampler=distributed.eval_shard(len(test_ds)),
+                         **loader_kw)
 
-    model = Cam16ResNet(model_cfg).to(device)
+    net = distributed.wrap(Cam16ResNet(model_cfg).to(device), device)  # trained through; DDP under torchrun
+    model = distributed.unwrap(net)  # saved, evaluated and copied
     weight = None
     if cfg.class_weighted:
         counts = np.bincount(train_ds.labels, minlength=len(CLASSES)).astype(np.float64)
@@ -325,61 +366,80 @@ def fit_cam16(cfg: Cam16Config, dataset=None) -> dict:
                  "split": info["parts"], "split_leaks": info["leaks"]}
     if fingerprint:
         data_info["fingerprint"] = fingerprint
-    if cfg.progress:
+    if progress:
         p = info["parts"]
         tqdm.write(f"cam16: {len(keep)} patches from {len(np.unique(slides_all[keep]))} slides; "
                    + ", ".join(f"{k} {v['patches']} ({v['normal']} normal / {v['tumor']} tumor, "
                                f"{len(v['slides'])} slides)" for k, v in p.items())
                    + f"; {cfg.arch} {count_parameters(model):,} parameters at {cfg.image_size}px, "
-                     f"device {device}, {'in memory' if in_memory else 'streamed'}")
+                     f"device {device}" + (f" x {world} processes" if world > 1 else "")
+                   + f", {'in memory' if in_memory else 'streamed'}")
 
     def save(metrics: dict) -> None:
+        if not main:
+            return
         save_checkpoint(run_dir / "best.pt", kind=KIND, config=model_cfg, model=model,
                         input_spec=model.input_spec(), metrics=metrics, data=data_info, train=cfg)
 
     def on_state(state: dict) -> None:
-        save_state(run_dir / "last.pt", state, cfg=cfg, fingerprint=fingerprint, device=device, model=model,
-                   optimizer=opt, generator=g, augment=train_tf.compose)
+        rngs = distributed.gather_object(rng_state(g, train_tf.compose)) if world > 1 else None
+        if main:
+            save_state(run_dir / "last.pt", state, cfg=cfg, fingerprint=fingerprint, device=device, model=model,
+                       optimizer=opt, generator=g, augment=train_tf.compose, rank_rngs=rngs)
 
     resume = None
     if status == "resume":
-        rewrite_log(log_path, prior["fit"]["history"])
+        if main:
+            rewrite_log(log_path, prior["fit"]["history"])
         # last: everything above drew the same random numbers as in the first start
-        resume = restore_state(prior, model, opt, g, augment=train_tf.compose)
-        if cfg.progress:
+        resume = restore_state(prior, model, opt, g, augment=train_tf.compose, rank=rank)
+        if progress:
             tqdm.write(f"cam16: resuming {run_dir} after epoch {resume['epoch']}")
-    train_step, eval_step = _ce_step(weight), _ce_step(None)
-    res = fit(model, epochs=cfg.epochs,
-              train_epoch=lambda e: train_one_epoch(model, train_dl, train_step, opt, device, amp=amp,
-                                                    desc=f"epoch {e}", progress=cfg.progress),
-              validate=lambda e: evaluate(model, val_dl, eval_step, device, amp=amp),
+    train_step, eval_step = _ce_step(weight, several=world > 1), _ce_step(None)
+
+    def train_epoch(epoch: int) -> dict:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return train_one_epoch(net, train_dl, train_step, opt, device, amp=amp, desc=f"epoch {epoch}",
+                               progress=progress, reduce=distributed.reduce_meter)
+
+    def validate(epoch: int) -> dict:
+        distributed.sync_buffers(model)  # every rank evaluates the weights rank 0 saves
+        return evaluate(model, val_dl, eval_step, device, amp=amp, reduce=distributed.reduce_meter)
+
+    res = fit(model, epochs=cfg.epochs, train_epoch=train_epoch, validate=validate,
               optimizer=opt, monitor=metric, mode=mode,
-              plateau_patience=cfg.plateau_patience, early_stop=cfg.early_stop or None, log_path=log_path,
-              on_best=lambda e, row: save({"best_epoch": e, **row}), progress=cfg.progress, desc="cam16",
-              resume=resume, on_state=on_state)
+              plateau_patience=cfg.plateau_patience, early_stop=cfg.early_stop or None,
+              log_path=log_path if main else None, on_best=lambda e, row: save({"best_epoch": e, **row}),
+              progress=progress, desc="cam16", resume=resume, on_state=on_state)
     if res.best_state is None:
         raise ValueError(f"cam16: {cfg.monitor} was never finite in {len(res.history)} epochs "
                          f"(see {log_path}); nothing to save: lower --lr or check the patches")
     model.load_state_dict(res.best_state)
 
-    prob, y = predict(model, test_dl, device)
+    prob, y = predict(model, test_dl, device)  # this rank's share of the test set
+    prob, y = distributed.gather_shards(prob), distributed.gather_shards(y)
     test = binary_metrics(y, prob)
-    np.savez(run_dir / "test_predictions.npz", index=split["test"], labels=y, prob_tumor=prob,
-             slide_ids=slides_all[split["test"]])
+    if main:
+        np.savez(run_dir / "test_predictions.npz", index=split["test"], labels=y, prob_tumor=prob,
+                 slide_ids=slides_all[split["test"]])
     metrics = {"test": test, "best_epoch": res.best_epoch, "best_val": {k: v for k, v in res.best.items()
                                                                          if k.startswith("val_")},
                "epochs_run": len(res.history), "stopped_early": res.stopped_early,
                "seconds": round(res.seconds, 1), "split": info["parts"], "split_leaks": info["leaks"],
                "arch": cfg.arch, "image_size": cfg.image_size, "device": str(device), "fingerprint": fingerprint}
+    if world > 1:
+        metrics["processes"] = world
     save({"best_epoch": res.best_epoch, **res.best, "test": test})
-    plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc"),
-                title=f"CAM16 {cfg.arch} ({cfg.image_size}px)")
     auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
-    plot_confusion(test["confusion_matrix"], run_dir / "confusion.png",
-                   title=f"test: acc {test['accuracy']:.3f}, AUC {auc}, F1 {test['f1']:.3f}")
-    if cfg.progress:
+    if main:
+        plot_curves(res.history, run_dir / "curves.png", metrics=("loss", "acc"),
+                    title=f"CAM16 {cfg.arch} ({cfg.image_size}px)")
+        plot_confusion(test["confusion_matrix"], run_dir / "confusion.png",
+                       title=f"test: acc {test['accuracy']:.3f}, AUC {auc}, F1 {test['f1']:.3f}")
+    if progress:
         tqdm.write(f"cam16: best epoch {res.best_epoch} ({cfg.monitor} {res.best.get(cfg.monitor, float('nan')):.4f}); "
                    f"test on {test['n']} patches: accuracy {test['accuracy']:.3f}, AUC {auc}, F1 {test['f1']:.3f}, "
                    f"confusion {test['confusion_matrix']}" + (f" ({test['auc_note']})" if "auc_note" in test else "")
                    + f"; run folder {run_dir}")
-    return finish_run(run_dir, cfg, metrics, kind=KIND, metric=metric, mode=mode)
+    return distributed.on_main(finish_run, run_dir, cfg, metrics, kind=KIND, metric=metric, mode=mode)

@@ -3,7 +3,8 @@
 Run folder (`cfg.run_dir`): config.yaml, log.jsonl (one JSON line per epoch), last.pt (the training
 state, every epoch), best.pt (best on validation so far), loss_curve.png, reconstructions.png and,
 last, metrics.json. Rerunning a killed run resumes it exactly; a finished one is reused; `cfg.out`
-gets a copy of best.pt at the end unless it holds a better model (see `pretrain.resume`).
+gets a copy of best.pt at the end unless it holds a better model (see `pretrain.resume`). Under
+`torchrun` the run is data-parallel and `batch_size` the global batch (see `pretrain.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .autoencoder import AEConfig, ConvAutoencoder
 from .checkpoint import save_checkpoint
 from .engine import evaluate, fit, train_one_epoch
@@ -33,8 +35,17 @@ from .prcc import (
     mean_image_mse,
     split_by_image,
 )
-from .resume import NEUTRAL_FIELDS, check_config, finish_run, open_run, restore_state, rewrite_log, save_state
-from .utils import count_parameters, get_device, seed_everything, seed_worker
+from .resume import (
+    NEUTRAL_FIELDS,
+    check_config,
+    finish_run,
+    open_run,
+    restore_state,
+    rewrite_log,
+    rng_state,
+    save_state,
+)
+from .utils import count_parameters, seed_everything, seed_worker
 
 KIND = "prcc_autoencoder"
 # Besides NEUTRAL_FIELDS, the bad-file threshold does not change the weights once a run has started:
@@ -142,20 +153,32 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
     fixed validation crops, their ratio, counts, seconds and the checkpoint path. A run folder with
     the state of a killed run of the same config resumes it; a finished one returns its metrics.
 
+    Under torchrun every rank trains on its share of each global batch of `cfg.batch_size`; only
+    rank 0 writes, and every rank returns the same metrics (see `pretrain.distributed`).
+
     Raises:
         RunMismatchError: `cfg.run_dir` holds a run of another config or data (and not `cfg.overwrite`).
+        ValueError: under torchrun, `cfg.batch_size` is not a multiple of the number of processes.
     """
+    with distributed.session(cfg.device) as device:
+        return _fit_prcc(cfg, images, device)
+
+
+def _fit_prcc(cfg: PRCCConfig, images: ImageSet | None, device: torch.device) -> dict:
     seed_everything(cfg.seed)
-    device = get_device(cfg.device)
+    main, world = distributed.is_main(), distributed.world_size()
+    progress = cfg.progress and main
+    local_batch = distributed.per_rank_batch(cfg.batch_size)
     model_cfg = cfg.model_config()  # validates image_size vs depth before any decoding
-    run_dir = check_config(cfg.run_dir, cfg, RESUME_NEUTRAL)
+    run_dir = distributed.on_main(check_config, cfg.run_dir, cfg, RESUME_NEUTRAL)
     log_path = run_dir / "log.jsonl"
 
     if images is None:
-        images = load_training_images(cfg)
-    status, prior = open_run(run_dir, cfg, images.fingerprint, device)
+        images = load_training_images(cfg)  # on every rank: each one needs the pixels
+    status, prior = distributed.on_main(open_run, run_dir, cfg, images.fingerprint, device, world_size=world)
     if status == "done":
-        return finish_run(run_dir, cfg, prior, kind=KIND, metric="val_mse", mode="min", reused=True)
+        return distributed.on_main(finish_run, run_dir, cfg, prior, kind=KIND, metric="val_mse", mode="min",
+                                   reused=True)
     group_regex = cfg.group_regex or (r"^[^@]+@" if cfg.slides else "")  # slide tiles: split by slide
     train_idx, val_idx = split_by_image(images.names, cfg.val_fraction, cfg.seed, group_regex)
     train_arrays = [images.arrays[i] for i in train_idx]
@@ -168,64 +191,77 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
     train_ds = RandomCropDataset(train_arrays, cfg.image_size, cfg.crops_per_image, seed=cfg.seed,
                                  augment=default_augment() if cfg.augment else None)
     g = torch.Generator().manual_seed(cfg.seed)
-    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
+    sampler = distributed.train_sampler(train_ds, cfg.seed)  # None alone: the loader shuffles with g
+    train_dl = DataLoader(train_ds, batch_size=local_batch, shuffle=sampler is None, sampler=sampler, generator=g,
                           num_workers=cfg.num_workers, worker_init_fn=seed_worker,
                           pin_memory=device.type == "cuda", drop_last=len(train_ds) > cfg.batch_size)
     val_dl = DataLoader(TensorDataset(torch.from_numpy(val_crops).permute(0, 3, 1, 2).contiguous()),
-                        batch_size=max(cfg.batch_size, 64), shuffle=False)
+                        batch_size=max(cfg.batch_size, 64), shuffle=False, sampler=distributed.eval_shard(len(val_crops)))
 
-    model = ConvAutoencoder(model_cfg).to(device)
+    net = distributed.wrap(ConvAutoencoder(model_cfg).to(device), device)  # trained through; DDP under torchrun
+    model = distributed.unwrap(net)  # saved, evaluated and copied
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data_info = {**images.data_info(), "n_train_images": len(train_idx), "n_val_images": len(val_idx),
                  "val_images": [images.names[i] for i in val_idx]}
     amp = cfg.amp and device.type == "cuda"
-    if cfg.progress:
+    if progress:
         tqdm.write(f"prcc: {len(images)} images ({len(train_idx)} train, {len(val_idx)} val), "
-                   f"{len(train_ds)} crops/epoch, {count_parameters(model):,} parameters, device {device}, "
+                   f"{len(train_ds)} crops/epoch, {count_parameters(model):,} parameters, device {device}"
+                   + (f" x {world} processes" if world > 1 else "") + ", "
                    f"mean-image baseline MSE {baseline:.5f}")
 
     def train_epoch(epoch: int) -> dict:
         train_ds.set_epoch(epoch)
-        return train_one_epoch(model, train_dl, _mse_step, opt, device, amp=amp, desc=f"epoch {epoch}",
-                               progress=cfg.progress)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return train_one_epoch(net, train_dl, _mse_step, opt, device, amp=amp, desc=f"epoch {epoch}",
+                               progress=progress, reduce=distributed.reduce_meter)
 
     def validate(epoch: int) -> dict:
-        m = evaluate(model, val_dl, _mse_step, device, amp=amp)
+        distributed.sync_buffers(model)  # every rank evaluates the weights rank 0 saves
+        m = evaluate(model, val_dl, _mse_step, device, amp=amp, reduce=distributed.reduce_meter)
         return {"loss": m["loss"], "mse_over_baseline": _ratio(m["loss"], baseline)}
 
     def on_best(epoch: int, row: dict) -> None:
+        if not main:
+            return
         save_checkpoint(run_dir / "best.pt", kind=KIND, config=model_cfg, model=model,
                         input_spec=model.input_spec(), data=data_info, train=cfg,
                         metrics={"epoch": epoch, "val_mse": row["val_loss"], "train_mse": row["train_loss"],
                                  "baseline_mse": baseline, "val_variance": val_var})
 
     def on_epoch(epoch: int, row: dict) -> None:
-        if cfg.progress:
+        if progress:
             tqdm.write(json.dumps(row))
 
     def on_state(state: dict) -> None:
-        save_state(run_dir / "last.pt", state, cfg=cfg, fingerprint=images.fingerprint, device=device,
-                   model=model, optimizer=opt, generator=g)
+        rngs = distributed.gather_object(rng_state(g)) if world > 1 else None
+        if main:
+            save_state(run_dir / "last.pt", state, cfg=cfg, fingerprint=images.fingerprint, device=device,
+                       model=model, optimizer=opt, generator=g, rank_rngs=rngs)
 
     resume = None
     if status == "resume":
-        rewrite_log(log_path, prior["fit"]["history"])
-        resume = restore_state(prior, model, opt, g)  # last: everything above drew the same random numbers
-        if cfg.progress:
+        if main:
+            rewrite_log(log_path, prior["fit"]["history"])
+        # last: everything above drew the same random numbers
+        resume = restore_state(prior, model, opt, g, rank=distributed.rank())
+        if progress:
             tqdm.write(f"prcc: resuming {run_dir} after epoch {resume['epoch']}")
     res = fit(model, epochs=cfg.epochs, train_epoch=train_epoch, validate=validate, optimizer=opt,
               monitor="val_loss", plateau_patience=cfg.plateau_patience,
-              early_stop=cfg.early_stop or None, log_path=log_path, on_best=on_best, on_epoch=on_epoch,
-              progress=cfg.progress, resume=resume, on_state=on_state)
+              early_stop=cfg.early_stop or None, log_path=log_path if main else None, on_best=on_best,
+              on_epoch=on_epoch, progress=progress, resume=resume, on_state=on_state)
     if res.best_state is None:
         raise ValueError(f"prcc: val_loss was never finite in {len(res.history)} epochs (see {log_path}); "
                          f"nothing to save: lower --lr or check the images")
 
     model.load_state_dict(res.best_state)
     on_best(res.best_epoch, res.best)  # best.pt from the kept weights, whatever happened to the file
-    plot_curves(res.history, run_dir / "loss_curve.png", metrics=("loss",), logy=True,
-                title=f"PRCC autoencoder MSE (mean-image baseline {baseline:.4f})")
-    _grid(model, val_crops, device, run_dir / "reconstructions.png")
+    if main:
+        plot_curves(res.history, run_dir / "loss_curve.png", metrics=("loss",), logy=True,
+                    title=f"PRCC autoencoder MSE (mean-image baseline {baseline:.4f})")
+        _grid(model, val_crops, device, run_dir / "reconstructions.png")
     best_mse = float(res.best["val_loss"])
     metrics = {
         "best_epoch": res.best_epoch,
@@ -245,4 +281,6 @@ def fit_prcc(cfg: PRCCConfig, images: ImageSet | None = None) -> dict:
         "device": str(device),
         "fingerprint": images.fingerprint,
     }
-    return finish_run(run_dir, cfg, metrics, kind=KIND, metric="val_mse", mode="min")
+    if world > 1:
+        metrics["processes"] = world
+    return distributed.on_main(finish_run, run_dir, cfg, metrics, kind=KIND, metric="val_mse", mode="min")

@@ -1,6 +1,7 @@
 """Train the Camelyon16 ResNet tumor classifier (see fusion.commands.pretrain_cam16).
 
     python scripts/pretrain_cam16.py --help      (installed: wbc pretrain_cam16 --help)
+    torchrun --nproc_per_node N scripts/pretrain_cam16.py ...   (data-parallel; see pretrain/distributed.py)
 """
 
 import sys

@@ -1,6 +1,7 @@
 """Pretrain the PRCC convolutional autoencoder (see fusion.commands.pretrain_prcc).
 
     python scripts/pretrain_prcc.py --help      (installed: wbc pretrain_prcc --help)
+    torchrun --nproc_per_node N scripts/pretrain_prcc.py ...   (data-parallel; see pretrain/distributed.py)
 """
 
 import sys
