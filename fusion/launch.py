@@ -42,7 +42,7 @@ def _context_key(cfg: SweepConfig, split_paths: list[str]) -> str:
                                 cfg.worker_threads, splits]), default=str)
 
 
-def run_unit(cfg: SweepConfig, split_paths: list[str], specs: list[RunConfig]) -> list[dict]:
+def task_unit(cfg: SweepConfig, split_paths: list[str], specs: list[RunConfig]) -> list[dict]:
     """One task: train the unit `specs` in this worker process; their result rows, in the same order."""
     import torch
 
@@ -59,7 +59,7 @@ def ray_results(units: list[list[RunConfig]], cfg: SweepConfig, split_paths: lis
     with ray_session(cfg.ray_address) as ray:
         task = ray.remote(run_in).options(num_cpus=cfg.ray_cpus, num_gpus=cfg.ray_gpus, name="sweep_runs")
         cfg_ref = ray.put(cfg)  # sent once, not once per task
-        refs = [task.remote(os.getcwd(), run_unit, cfg_ref, split_paths, unit) for unit in units]
+        refs = [task.remote(os.getcwd(), task_unit, cfg_ref, split_paths, unit) for unit in units]
         with closing(as_finished(ray, refs)) as finished:  # closed first: tasks cancelled before shutdown
             for ref in finished:
                 yield from ray.get(ref)
