@@ -200,6 +200,8 @@ def _train_states(states: list[RunState], rngs: list[tuple]) -> list[dict]:
     device, cfg0 = first.device, first.cfg
     cnns = [st.model.cnn for st in states]
     trunk = GroupedTrunk(cnns)
+    if cfg0.runtime.compile:
+        trunk.compile()
     heads = [p for st in states for name, p in st.model.named_parameters() if not name.startswith("cnn.features.")]
     optimizer = make_optimizer([*trunk.parameters(), *heads], cfg0.optim)
     scheduler = make_schedule(optimizer, first.steps * first.epochs, cfg0.optim)

@@ -83,6 +83,8 @@ def compute_features(encoders: dict[str, nn.Module], images: torch.Tensor, devic
                      batch_size: int = 256, encoder_resize: bool = True) -> dict[str, torch.Tensor]:
     """{source: (N, D_s) float32 CPU tensor} for (N, 3, S, S) uint8 images, as normal tensors."""
     feats = {}
+    if device.type == "cuda" and not images.is_cuda:  # page-locked: the per-batch copies overlap the compute
+        images = images.pin_memory()
     for name, enc in encoders.items():
         enc.to(device)
         feats[name] = _encode_all(enc, images, batch_size, device, encoder_resize, name).clone()

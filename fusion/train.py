@@ -168,6 +168,9 @@ class RuntimeConfig:
     eval_test: bool = field(default=True, metadata={"help": "evaluate the test split at the end; false for "
                                                            "tuning runs, which must see validation only"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch default"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the classifier (in place: checkpoints keep their keys); the first steps are slow "
+                "while it compiles, so it pays off on long GPU runs"})
     progress: bool = True
     curves: bool = field(default=True, metadata={"help": "write curves.png (about a second per run on CPU)"})
 
@@ -573,6 +576,8 @@ def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device:
         with torch.random.fork_rng(devices=[]):
             build_classifier(arm.backbone, n_classes, int(cfg.optim.progressive[0]), cfg.model.dropout, ())
     model = FusionModel(cnn, encoders, cfg.mode, n_classes, cfg.model.encoder_resize, cfg.model.dropout).to(device)
+    if cfg.runtime.compile:  # the model's calls (training, validation, test) run compiled
+        model.compile()
     g = torch.Generator().manual_seed(cfg.seed)
     loss_weight = class_weight_tensor(data.labels[train_rows], n_classes) if cfg.optim.class_weights else None
     aug = aug_config(cfg.augment)
