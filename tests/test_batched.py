@@ -124,3 +124,13 @@ def test_sweep_with_batched_runs_gives_the_rows_of_the_plain_sweep(files, tmp_pa
     for p, b in zip(plain, batched, strict=True):
         assert p["confusion"] == b["confusion"] and p["best_epoch"] == b["best_epoch"]
         np.testing.assert_allclose(p["test_loss"], b["test_loss"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(files, tmp_path):
+    """runtime.compile (torch.compile, inductor on CPU): same run, same choices, close numbers; keys unchanged."""
+    eager = train_run(_run_cfg(files, tmp_path, 0, arm="scratch", out=str(tmp_path / "eager")))
+    comp = train_run(_run_cfg(files, tmp_path, 0, arm="scratch", out=str(tmp_path / "compiled"), compile=True))
+    assert comp["status"] == "ok" and comp["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-2)
+    state = torch.load(tmp_path / "compiled" / "best.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in state)
