@@ -27,7 +27,7 @@ from contextlib import closing
 from pathlib import Path
 
 from pretrain.config import to_plain
-from pretrain.raytasks import as_finished, ray_session, run_in
+from pretrain.raytasks import as_finished, ray_session, run_in, starts_local
 
 from .sweep import SweepConfig, SweepContext, run_unit, worker_context
 from .train import RunConfig
@@ -60,6 +60,6 @@ def ray_results(units: list[list[RunConfig]], cfg: SweepConfig, split_paths: lis
         task = ray.remote(run_in).options(num_cpus=cfg.ray_cpus, num_gpus=cfg.ray_gpus, name="sweep_runs")
         cfg_ref = ray.put(cfg)  # sent once, not once per task
         refs = [task.remote(os.getcwd(), task_unit, cfg_ref, split_paths, unit) for unit in units]
-        with closing(as_finished(ray, refs)) as finished:  # closed first: tasks cancelled before shutdown
+        with closing(as_finished(ray, refs, cancel=not starts_local(cfg.ray_address))) as finished:  # before shutdown
             for ref in finished:
                 yield from ray.get(ref)

@@ -186,13 +186,13 @@ def _run_ray(jobs: dict[int, tuple[str, str | None, str | None]], parts: dict[in
              cfg: ExtractConfig) -> dict[int, dict]:
     """`_run_pool`, with one Ray task of `cfg.ray_cpus` CPUs per slide; an interruption cancels the tasks
     (killing their workers) before the parts folder is removed."""
-    from .raytasks import as_finished, ray_session, run_in
+    from .raytasks import as_finished, ray_session, run_in, starts_local
 
     results: dict[int, dict] = {}
     with ray_session(cfg.ray_address) as ray:
         task = ray.remote(run_in).options(num_cpus=cfg.ray_cpus, name="extract_slide")
         refs = {task.remote(os.getcwd(), _worker, p, x, cfg, str(parts[i]), o): i for i, (p, x, o) in jobs.items()}
-        with contextlib.closing(as_finished(ray, list(refs))) as finished:
+        with contextlib.closing(as_finished(ray, list(refs), cancel=not starts_local(cfg.ray_address))) as finished:
             for ref in tqdm(finished, total=len(refs), desc="slides", unit="slide"):
                 i = refs[ref]
                 try:

@@ -155,10 +155,18 @@ def _sweep(cfg: Path) -> list[str]:
 
 @needs_ray
 @pytest.mark.slow  # each Ray instance takes seconds to start
-def test_killed_ray_sweep_resumes_with_the_same_rows_and_leaves_no_ray_processes(files, local_rows, tmp_path):
+def test_killed_ray_sweep_resumes_with_the_same_rows_and_leaves_no_ray_processes(files, tmp_path):
+    import torch
+
     out = tmp_path / "s"
     cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(yaml.safe_dump(_base(files, out)))
+    long = {"min_steps": 400}  # runs of a few seconds: the kill lands while the others still train
+    cfg.write_text(yaml.safe_dump(_base(files, out, **long)))
+    n = torch.get_num_threads()
+    try:
+        local_rows = strip_timing(read_jsonl(run_sweep(SweepConfig(**_base(files, tmp_path / "local", **long)))))
+    finally:
+        torch.set_num_threads(n)
     p = subprocess.Popen(_sweep(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # its own session: the Ray instance it starts is found by it
     try:
