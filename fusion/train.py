@@ -551,12 +551,24 @@ class Trainer:
     g: torch.Generator  # batches and augmentations
 
 
+def shared_images(data: WBCData, device: torch.device) -> torch.Tensor:
+    """The (N, 3, S, S) uint8 images of `data`, on `device` when it is a GPU (else on the CPU), made once per
+    data set and device and shared by every run trained on it: a sweep uploads them once, and a batched group
+    of N runs holds one copy, not N. Never written to (batches are copies)."""
+    store = data.__dict__.setdefault("_image_tensors", {})
+    key = str(device) if device.type == "cuda" else "cpu"
+    if key not in store:
+        t = images_to_tensor(data.images)
+        store[key] = t.to(device) if device.type == "cuda" else t
+    return store[key]
+
+
 def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device: torch.device,
                   features: FeatureCache | None = None) -> Trainer:
     """The run's model, seeded by `cfg.seed` (same seed -> same CNN init, batches and augmentations in every
     arm: paired comparisons), and its feeder; used by `train_run` and the learning-rate range test."""
     encoders = load_arm_encoders(cfg.arm, cfg.registry(), cfg.seed, cfg.image_size, cfg.model.encoder_resize)
-    images = images_to_tensor(data.images)  # (N, 3, S, S) uint8
+    images = shared_images(data, device)  # (N, 3, S, S) uint8
     labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
     feats: dict[str, torch.Tensor] = {}
     if encoders and cfg.model.encoder_features == "precompute":
@@ -564,7 +576,6 @@ def build_trainer(cfg: RunConfig, data: WBCData, train_rows: np.ndarray, device:
         feats = cache.get(encoders, images, images_key(data.hashes, data.image_size), device, seed=cfg.seed,
                           batch_size=cfg.runtime.eval_batch_size, encoder_resize=cfg.model.encoder_resize)
     if device.type == "cuda":
-        images = images.to(device)
         feats = {s: f.to(device) for s, f in feats.items()}
 
     seed_everything(cfg.seed)
