@@ -160,7 +160,7 @@ def test_killed_ray_sweep_resumes_with_the_same_rows_and_leaves_no_ray_processes
 
     out = tmp_path / "s"
     cfg = tmp_path / "sweep.yaml"
-    long = {"min_steps": 400}  # runs of a few seconds: the kill lands while the others still train
+    long = {"min_steps": 2000}  # runs of seconds: the kill lands while the others still train
     cfg.write_text(yaml.safe_dump(_base(files, out, **long)))
     n = torch.get_num_threads()
     try:
