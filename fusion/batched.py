@@ -247,7 +247,7 @@ def _train_states(states: list[RunState], rngs: list[tuple]) -> list[dict]:
         for i in live:
             st = states[i]
             va = st.validate(epoch)
-            tracks[i].record(epoch_row(epoch, optimizer, st.epoch_row(meters[i].averages()), va,
+            tracks[i].record(epoch_row(epoch, optimizer, st.with_train_size(meters[i].averages()), va,
                                        (time.perf_counter() - t0) / n))
         trunk.load(cnns)  # the re-estimated BatchNorm statistics, as a run alone continues from them
     seconds = time.perf_counter() - t_start

@@ -622,6 +622,11 @@ class RunState:
     t0: float
     on_validate: Callable[[int, dict], None] | None = None
 
+    def __post_init__(self) -> None:
+        # the un-augmented training images BatchNorm statistics are re-estimated on: a fixed order per seed
+        rows = torch.as_tensor(self.train_rows)
+        self.calib_rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.seed))]
+
     @property
     def model(self) -> FusionModel:
         return self.trainer.model
@@ -637,7 +642,8 @@ class RunState:
         balanced = tr.labels[train_t] if cfg.optim.sampler == "balanced" else None
         return [train_t[b] for b in _batches(len(self.train_rows), self.batch_size, self.steps, tr.g, balanced)]
 
-    def epoch_row(self, out: dict) -> dict:
+    def with_train_size(self, out: dict) -> dict:
+        """An epoch's training means, plus the side trained at under progressive resizing."""
         return {**out, "train_size": self.trainer.feeder.size or self.cfg.image_size} if self.cfg.optim.progressive \
             else out
 
@@ -646,13 +652,12 @@ class RunState:
         out = train_one_epoch(self.model, batches, self.trainer.feeder.step, self.optimizer, self.device,
                               amp=self.cfg.runtime.amp, desc=f"epoch {epoch}", progress=False,
                               scheduler=self.scheduler)
-        return self.epoch_row(out)
+        return self.with_train_size(out)
 
     def validate(self, epoch: int) -> dict:
         tr, cfg = self.trainer, self.cfg
-        calib = torch.as_tensor(self.train_rows)
-        calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))]
-        recalibrate_bn(self.model.cnn, tr.images, calib, self.device, self.batch_size, cfg.optim.bn_recalibrate)
+        recalibrate_bn(self.model.cnn, tr.images, self.calib_rows, self.device, self.batch_size,
+                       cfg.optim.bn_recalibrate)
         r = _eval(self.model, tr.images, tr.feats, self.val_rows, tr.labels, self.device, cfg, tr.loss_weight,
                   self.data.classes)
         out = {k: r[k] for k in ("loss", "acc", "macro_f1")}

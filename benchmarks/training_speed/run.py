@@ -76,7 +76,7 @@ class Files(Dataset):
 def _model(image_size: int, n_classes: int, dropout: float = 0.2) -> FusionModel:
     enc = load_arm_encoders(ARM, {"prcc": CKPT / "prcc_autoencoder.pt", "cam16": CKPT / "cam16_resnet.pt"}, SEED,
                             image_size)
-    cnn = SmallCNN(CNNConfig(channels=[16, 32, 64, 128, 256], num_classes=n_classes, dropout=dropout,
+    cnn = SmallCNN(CNNConfig(channels=RunConfig().model.cnn_channels, num_classes=n_classes, dropout=dropout,
                              input_size=image_size))
     return FusionModel(cnn, enc, "sum", n_classes, True, dropout)
 
